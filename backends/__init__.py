@@ -1,0 +1,114 @@
+"""The Backend contract, and the choice of backend at startup.
+
+A backend turns token ids into next-token choices; it knows nothing of text.
+Each backend package (`fermi.backends.torch`, `fermi.backends.mlx`) exposes:
+
+    available() -> str | None     None when it can run here, else a one-line reason
+    default_dtype() -> str        "float32" | "float16" | "bfloat16"
+    device_name() -> str          e.g. "cpu", "cuda:0", "metal"
+    load(model: ModelFiles, dtype: str | None = None, quantize: int | None = None) -> Runtime
+
+A Runtime (see `Runtime` below) holds the weights on the device and offers
+`new_cache`, `prefill`, `decode`, `sampler`, `stream` and `to_numpy`.
+
+Cache contract: `cache.lengths[slot]` is the number of positions of sequence
+`slot` whose keys and values the cache holds. `prefill`/`decode` write at
+positions `lengths[slot]...` and then advance `lengths[slot]`; layers never move
+a position. `cache.truncate(slot, n)` forgets everything from position n on,
+so a session can reuse a common prefix and prefill only the rest.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol, Sequence
+
+from fermi.errors import FermiError
+from fermi.sampling import SamplingParams
+
+BACKENDS = ("mlx", "torch")
+
+
+@dataclass
+class Sample:
+    token: int
+    logprob: float | None = None  # log-probability of `token` (when params.logprobs is set)
+    top: list[tuple[int, float]] | None = None  # the top-k (id, logprob), best first
+
+
+class Cache(Protocol):
+    batch: int
+    lengths: list[int]
+
+    def truncate(self, slot: int, n: int) -> None: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class Sampler(Protocol):
+    """Stateful per sequence: remembers what it sampled (for the penalties) and its RNG."""
+
+    def __call__(self, logits: Any) -> Sample:
+        """logits: one row, [vocab], a backend array. Returns the chosen token."""
+        ...
+
+
+class Runtime(Protocol):
+    config: Any  # fermi.config.ModelConfig
+    backend: str  # "torch" | "mlx"
+    device: str
+    dtype: str
+    weight_bytes: int  # bytes of weights held in memory
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> Cache: ...
+
+    def prefill(self, ids: Sequence[int], cache: Cache, slot: int = 0, all_logits: bool = False) -> Any:
+        """Logits of the last position, [vocab] (all positions, [len(ids), vocab], if all_logits)."""
+        ...
+
+    def decode(self, tokens: Sequence[int], cache: Cache, slots: Sequence[int]) -> Any:
+        """One new token per slot; logits [len(slots), vocab]."""
+        ...
+
+    def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Sampler: ...
+
+    def stream(self, ids: Sequence[int], cache: Cache, slot: int, sampler: Sampler) -> Iterator[Sample]:
+        """Prefill `ids` (the part of the prompt not yet in the cache), then sample and
+        decode forever; the consumer stops by closing the generator. The cache may run
+        one step ahead of what was yielded."""
+        ...
+
+    def to_numpy(self, x: Any): ...
+
+
+def resolve_name(name: str | None = None) -> str:
+    """auto -> mlx where Metal is available, else torch (CUDA or CPU)."""
+    name = (name or os.environ.get("FERMI_BACKEND") or "auto").lower()
+    if name == "auto":
+        mlx = _module("mlx")
+        return "mlx" if mlx is not None and mlx.metal_available() else "torch"
+    if name not in BACKENDS:
+        raise FermiError(f"unknown backend '{name}' (choose auto, {', '.join(BACKENDS)})")
+    return name
+
+
+def get(name: str | None = None):
+    """The backend module for `name` (auto/mlx/torch), or a FermiError saying why not."""
+    name = resolve_name(name)
+    module = _module(name)
+    if module is None:
+        raise FermiError(f"backend '{name}' is not available here: it is not installed")
+    reason = module.available()
+    if reason:
+        raise FermiError(f"backend '{name}' cannot run here: {reason}")
+    return module
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(f"fermi.backends.{name}")
+    except ImportError:
+        return None

@@ -1,0 +1,52 @@
+"""Model configuration: one flat dataclass keyed like Hugging Face's config.json."""
+
+from dataclasses import dataclass, field, fields
+
+from .errors import FermiError
+
+ARCHITECTURES = ("qwen3", "qwen2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # llama: q/k/v/o bias; qwen2 always has q/k/v bias
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise FermiError(
+                f"unsupported architecture '{self.model_type}' (fermi runs: {', '.join(ARCHITECTURES)})"
+            )
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        if "model_type" not in d:
+            raise FermiError("model config has no 'model_type'")
+        known = {k: v for k, v in d.items() if k in names}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
