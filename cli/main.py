@@ -1,0 +1,46 @@
+"""The `fermi` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fermi import __version__
+from fermi.errors import FermiError
+
+from . import run
+from .common import debug
+
+VERBS = [run]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fermi", description="Local LLM inference: Qwen3 and friends.")
+    p.add_argument("--version", action="version", version=f"fermi {__version__}")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(v.__name__.split(".")[-1] for v in VERBS) + "}")
+    for verb in VERBS:
+        verb.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except FermiError as e:
+        if debug():
+            raise
+        print(f"fermi: error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, RuntimeError) as e:  # a readable line, not a traceback
+        if debug():
+            raise
+        print(f"fermi: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
