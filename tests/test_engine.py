@@ -5,7 +5,7 @@ import pytest
 from fermi.errors import ContextOverflow
 from fermi.tokenizer import Detokenizer
 
-from .models import engine, greedy_text
+from models import engine, greedy_text
 
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 

@@ -1,0 +1,37 @@
+"""The PyTorch backend: CUDA when there is a GPU, else the CPU (float32).
+
+Implements the module API of fermi.backends (available, default_dtype,
+device_name, load) and exposes `make_sampler(params, prompt_ids)`, the same
+name the MLX backend exposes, so tests reach the sampler without a model.
+"""
+
+from __future__ import annotations
+
+import torch  # absolute import: PyTorch, not this package
+
+from .runtime import TorchRuntime
+from .runtime import load as _load
+from .sampler import make_sampler
+
+__all__ = ["available", "default_dtype", "device_name", "load", "make_sampler", "TorchRuntime"]
+
+
+def available() -> str | None:
+    return None  # the CPU always works
+
+
+def _device() -> torch.device:
+    return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype() -> str:
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def device_name() -> str:
+    return str(_device())
+
+
+def load(model, dtype: str | None = None, quantize: int | None = None) -> TorchRuntime:
+    """Weights of `model` (a fermi.sources.ModelFiles) on this backend's device."""
+    return _load(model, dtype or default_dtype(), quantize, _device())

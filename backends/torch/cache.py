@@ -1,0 +1,109 @@
+"""The KV cache of the torch backend, and the `Span` that tells a forward where to
+write in it and what to read back.
+
+Per layer, keys and values are [batch, n_kv_heads, capacity, head_dim] in the
+runtime's dtype. Capacity grows in steps (256 positions) up to `max_len`, so a
+short session does not reserve the whole context. Layers write at the positions a
+Span names; only the runtime advances `lengths`, after a forward succeeded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fermi.errors import ContextOverflow, FermiError
+
+GROW_STEP = 256
+
+
+@dataclass
+class Span:
+    """Where one forward's new keys/values go. Two shapes:
+
+    - every row writes `length` positions from `start` (prefill, or a decode whose
+      sequences all have the same length): `positions` is None;
+    - one token per row at its own position (`positions`, [n]), written through
+      `index` (the rows as a tensor) so row i pairs with positions[i].
+    """
+
+    rows: slice | torch.Tensor  # the batch's cache rows; a slice reads back as a view
+    start: int  # first position written (the smallest, when positions is set)
+    length: int  # new tokens per row
+    end: int  # keys read back: positions [0, end)
+    positions: torch.Tensor | None = None  # [n] int64, one position per row
+    index: torch.Tensor | None = None  # [n] int64, the rows again, for paired indexing
+
+    @classmethod
+    def prefill(cls, slot: int, start: int, length: int) -> "Span":
+        return cls(slice(slot, slot + 1), start, length, start + length)
+
+    @classmethod
+    def decode(cls, slots: list[int], positions: list[int], device) -> "Span":
+        n = len(slots)
+        if len(set(slots)) != n:
+            raise FermiError(f"decode got a slot twice: {slots}")
+        contiguous = slots == list(range(slots[0], slots[0] + n))
+        rows = slice(slots[0], slots[0] + n) if contiguous else torch.tensor(slots, device=device)
+        end = max(positions) + 1
+        if all(p == positions[0] for p in positions):
+            return cls(rows, positions[0], 1, end)
+        index = torch.tensor(slots, device=device)
+        return cls(rows, min(positions), 1, end, torch.tensor(positions, device=device), index)
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device):
+        self.batch = batch
+        self.max_len = max_len
+        self.lengths = [0] * batch
+        self._shape = (batch, n_kv_heads, 0, head_dim)
+        self._dtype, self._device = dtype, device
+        self.k = [self._empty(0) for _ in range(n_layers)]
+        self.v = [self._empty(0) for _ in range(n_layers)]
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        b, h, _, d = self._shape
+        return torch.zeros(b, h, capacity, d, dtype=self._dtype, device=self._device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2] if self.k else 0
+
+    def reserve(self, n: int) -> None:
+        """Make room for positions [0, n); ContextOverflow past max_len."""
+        if n > self.max_len:
+            raise ContextOverflow(n, self.max_len)
+        if n <= self.capacity:
+            return
+        capacity = min(self.max_len, -(-n // GROW_STEP) * GROW_STEP)
+        old = self.capacity
+        for layer in range(len(self.k)):
+            for store in (self.k, self.v):
+                grown = self._empty(capacity)
+                grown[:, :, :old] = store[layer]
+                store[layer] = grown
+
+    def update(self, layer: int, span: Span, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([n, n_kv_heads, length, head_dim]) where `span` says; return
+        the keys and values of positions [0, span.end) for the span's rows."""
+        keys, values = self.k[layer], self.v[layer]
+        if span.positions is None:
+            keys[span.rows, :, span.start:span.end] = k
+            values[span.rows, :, span.start:span.end] = v
+        else:
+            # Paired advanced indexing: row index[i] gets its token at positions[i].
+            keys[span.index, :, span.positions] = k[:, :, 0]
+            values[span.index, :, span.positions] = v[:, :, 0]
+        return keys[span.rows, :, :span.end], values[span.rows, :, :span.end]
+
+    def truncate(self, slot: int, n: int) -> None:
+        # Stale entries past n stay in memory; the next write overwrites them and
+        # masks keep them out of attention until then.
+        self.lengths[slot] = max(0, min(n, self.lengths[slot]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -1,0 +1,214 @@
+"""Llama (SmolLM2, Llama 3.x) in PyTorch, and the base that qwen2 and qwen3 extend.
+
+Read top to bottom: rotary embedding → RMSNorm → Attention → MLP → Block → Model.
+Module names match the checkpoint's weight names (model.layers.N.self_attn.q_proj
+…), so a Hugging Face state dict loads with no renaming.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fermi.config import ModelConfig
+from fermi.errors import FermiError
+
+from .cache import KVCache, Span
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_parameters(config: ModelConfig) -> tuple[float, dict]:
+    """(theta, scaling) from either spelling of the config: transformers 5 writes one
+    `rope_parameters` dict (rope_type, rope_theta, …); older configs have
+    `rope_theta` and `rope_scaling` (whose type may be spelled `type`)."""
+    params = config.extra.get("rope_parameters")
+    if params:
+        return float(params.get("rope_theta", config.rope_theta)), dict(params)
+    return float(config.rope_theta), dict(config.rope_scaling or {})
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], computed as transformers does (float32)."""
+    theta, scaling = rope_parameters(config)
+    dim = config.head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band
+        # between low_freq_factor and high_freq_factor interpolated smoothly.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise FermiError(f"rope scaling '{kind}' is not supported by the torch backend")
+
+
+class Rotary:
+    """cos/sin tables for positions [0, size), grown by doubling on demand so a short
+    session does not build a table for the whole context. `sin` carries the sign of
+    rotate_half, so applying RoPE is x*cos + swap_halves(x)*sin."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device):
+        self.inv_freq = rope_frequencies(config).to(device)
+        self.dtype, self.size = dtype, 0
+        self.cos = self.sin = None
+
+    def _grow(self, n: int) -> None:
+        self.size = max(1024, 1 << (n - 1).bit_length())
+        t = torch.arange(self.size, device=self.inv_freq.device).float()
+        freqs = torch.outer(t, self.inv_freq)  # [size, head_dim/2], float32 like HF
+        cos, sin = freqs.cos(), freqs.sin()
+        self.cos = torch.cat([cos, cos], -1).to(self.dtype)  # [size, head_dim]
+        self.sin = torch.cat([-sin, sin], -1).to(self.dtype)
+
+    def __call__(self, span: Span):
+        """cos, sin broadcastable to [n, heads, length, head_dim]."""
+        if span.end > self.size:
+            self._grow(span.end)
+        if span.positions is None:
+            return self.cos[span.start:span.end], self.sin[span.start:span.end]  # [L, D]
+        n = span.positions.shape[0]
+        return self.cos[span.positions].view(n, 1, 1, -1), self.sin[span.positions].view(n, 1, 1, -1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], -1) * sin
+
+
+def attention_mask(span: Span, device) -> tuple[torch.Tensor | None, bool]:
+    """(mask, is_causal) for scaled_dot_product_attention: each query sees the keys
+    at positions <= its own. A bool mask is True where attention is allowed."""
+    if span.positions is not None:  # one token per row, rows at different positions
+        keys = torch.arange(span.end, device=device)
+        return (keys[None, :] <= span.positions[:, None]).view(-1, 1, 1, span.end), False
+    if span.length == 1:
+        return None, False  # the one query is the newest position: it sees everything
+    if span.start == 0:
+        return None, True
+    queries = torch.arange(span.start, span.end, device=device)
+    return torch.arange(span.end, device=device)[None, :] <= queries[:, None], False
+
+
+# ---------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in float32 then cast back before the weight, as transformers does.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool | None = None, o_bias: bool | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        qkv_bias = config.attention_bias if qkv_bias is None else qkv_bias
+        o_bias = config.attention_bias if o_bias is None else o_bias
+        hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias)
+
+    def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
+        return q, k  # qwen3 normalizes each head here
+
+    def forward(self, x, rope, mask, causal, cache: KVCache, layer: int, span: Span):
+        b, n = x.shape[:2]
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim)
+        q, k = self.qk_norm(q, k)
+        # [b, n, heads, head_dim] -> [b, heads, n, head_dim]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v = cache.update(layer, span, k, v)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_heads != self.n_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, attention: type[Attention]):
+        super().__init__()
+        self.self_attn = attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, rope, mask, causal, cache, layer, span):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, causal, cache, layer, span)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The checkpoint's `model.*`: embeddings, blocks and the final norm."""
+
+    def __init__(self, config: ModelConfig, attention: type[Attention]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig, attention: type[Attention] = Attention):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config, attention)
+        # Tied embeddings: the output projection reuses embed_tokens, no lm_head weight.
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+            config.hidden_size, config.vocab_size, bias=False
+        )
+        self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
+
+    def setup(self, dtype: torch.dtype, device) -> None:
+        self.rotary = Rotary(self.config, dtype, device)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, span: Span) -> torch.Tensor:
+        """ids [n, length] -> hidden states [n, length, hidden], before the final norm
+        (so the caller can keep only the positions it needs logits for)."""
+        rope = self.rotary(span)
+        mask, causal = attention_mask(span, ids.device)
+        x = self.model.embed_tokens(ids)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, rope, mask, causal, cache, i, span)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.model.norm(h)
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, weight)

@@ -1,0 +1,118 @@
+"""The torch Runtime: loads safetensors weights into the architecture's Model and
+runs prefill/decode over a KVCache (see fermi.backends.Runtime for the contract)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from fermi.backends import Sample
+from fermi.errors import FermiError
+from fermi.sampling import SamplingParams
+
+from . import llama, qwen2, qwen3
+from .cache import KVCache, Span
+from .sampler import TorchSampler, make_sampler
+
+ARCHITECTURES = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PREFILL_CHUNK = 512  # long prompts go through in pieces: bounded activations and masks
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+class TorchRuntime:
+    backend = "torch"
+
+    def __init__(self, model: llama.Model, config, device: torch.device, dtype: str):
+        self.model, self.config = model, config
+        self.torch_device, self.device, self.dtype = device, str(device), dtype
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
+                       max_len or c.max_position_embeddings, DTYPES[self.dtype], self.torch_device)
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int], cache: KVCache, slot: int = 0, all_logits: bool = False):
+        ids = list(ids)
+        if not ids:
+            raise FermiError("prefill needs at least one token")
+        start = cache.lengths[slot]
+        cache.reserve(start + len(ids))
+        x = torch.tensor(ids, dtype=torch.long, device=self.torch_device).view(1, -1)
+        pieces = []
+        for a in range(0, len(ids), PREFILL_CHUNK):
+            chunk = x[:, a:a + PREFILL_CHUNK]
+            h = self.model(chunk, cache, Span.prefill(slot, start + a, chunk.shape[1]))
+            if all_logits:
+                pieces.append(self.model.logits(h[0]))
+        cache.lengths[slot] = start + len(ids)
+        # Only the last position needs the final norm and lm_head (unless asked for all).
+        logits = torch.cat(pieces) if all_logits else self.model.logits(h[0, -1])
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: Sequence[int], cache: KVCache, slots: Sequence[int]):
+        slots = list(slots)
+        if not slots or len(tokens) != len(slots):
+            raise FermiError(f"decode got {len(tokens)} tokens for {len(slots)} slots")
+        positions = [cache.lengths[s] for s in slots]
+        cache.reserve(max(positions) + 1)
+        x = torch.tensor(list(tokens), dtype=torch.long, device=self.torch_device).view(-1, 1)
+        h = self.model(x, cache, Span.decode(slots, positions, self.torch_device))
+        for s in slots:
+            cache.lengths[s] += 1
+        return self.model.logits(h[:, 0]).float()  # [len(slots), vocab]
+
+    def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> TorchSampler:
+        return make_sampler(params, prompt_ids)
+
+    def stream(self, ids: Sequence[int], cache: KVCache, slot: int, sampler) -> Iterator[Sample]:
+        logits = self.prefill(ids, cache, slot)
+        while True:
+            sample = sampler(logits)
+            yield sample
+            logits = self.decode([sample.token], cache, [slot])[0]
+
+    def to_numpy(self, x):
+        return x.detach().float().cpu().numpy()
+
+
+def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
+    """Safetensors (memory-mapped by safe_open) into the model built on the meta
+    device; a tensor is converted only when its dtype or device differs."""
+    state = {}
+    for path in files:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                if name.endswith(IGNORED):
+                    continue
+                t = f.get_tensor(name)
+                state[name] = t if t.dtype == dtype else t.to(dtype)
+    if model.lm_head is None:
+        state.pop("lm_head.weight", None)  # tied: the output projection is embed_tokens
+    expected = set(model.state_dict().keys())
+    missing, unexpected = expected - state.keys(), state.keys() - expected
+    if missing or unexpected:
+        raise FermiError(
+            f"weights do not match the {model.config.model_type} architecture: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, assign=True)
+
+
+def load(model_files, dtype: str | None, quantize: int | None, device: torch.device) -> TorchRuntime:
+    if quantize:
+        raise FermiError(f"{quantize}-bit quantization is not supported yet by the torch backend")
+    if dtype not in DTYPES:
+        raise FermiError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    config = model_files.config
+    with torch.device("meta"):
+        model = ARCHITECTURES[config.model_type](config)
+    load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
+    model.requires_grad_(False).eval()
+    model.setup(DTYPES[dtype], device)
+    return TorchRuntime(model, config, device, dtype)

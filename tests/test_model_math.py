@@ -1,0 +1,123 @@
+"""Each backend's model code against transformers' (the reference implementation)
+on tiny random-weight models: prefill, cached decode, batched decode, truncate."""
+
+import numpy as np
+import pytest
+
+import tiny
+from fermi.errors import ContextOverflow
+from fermi.sampling import SamplingParams
+
+TOL = 1e-4  # float32
+
+
+@pytest.fixture(scope="module", params=list(tiny.SPECS))
+def model(request, tmp_path_factory) -> tiny.Tiny:
+    return tiny.build(request.param, tmp_path_factory.mktemp("tiny"))
+
+
+_runtimes = {}
+
+
+@pytest.fixture
+def rt(backend, model):
+    key = (backend, model.arch)
+    if key not in _runtimes:
+        _runtimes[key] = tiny.backend_module(backend).load(model.files, dtype="float32")
+    return _runtimes[key]
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, tiny.VOCAB, n).tolist()
+
+
+def close(rt, got, want):
+    got = rt.to_numpy(got)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_prefill_then_decode_matches_reference(rt, model):
+    ids = tokens(52)
+    ref = model.reference(ids)
+    cache = rt.new_cache()
+    close(rt, rt.prefill(ids[:20], cache), ref[19])
+    for i in range(20, 52):
+        close(rt, rt.decode([ids[i]], cache, [0])[0], ref[i])
+    assert cache.lengths == [52]
+
+
+def test_all_logits_match_reference(rt, model):
+    ids = tokens(20, seed=1)
+    ref = model.reference(ids)
+    close(rt, rt.prefill(ids, rt.new_cache(), all_logits=True), ref)
+    cache = rt.new_cache()  # after a cached prefix, the rows are those of the suffix
+    rt.prefill(ids[:8], cache)
+    close(rt, rt.prefill(ids[8:], cache, all_logits=True), ref[8:])
+
+
+@pytest.mark.parametrize("slots", [(0, 1), (1, 0), (0, 2)])
+@pytest.mark.parametrize("lengths", [(9, 17), (12, 12)])
+def test_batched_decode_matches_each_alone(rt, model, slots, lengths):
+    seqs = [tokens(n + 6, seed=10 + n) for n in lengths]
+    refs = [model.reference(s) for s in seqs]
+    cache = rt.new_cache(batch=3)
+    alone = []
+    for seq, n, slot in zip(seqs, lengths, slots):
+        rt.prefill(seq[:n], cache, slot)
+        c = rt.new_cache()  # the same sequence decoded by itself
+        rt.prefill(seq[:n], c)
+        alone.append([rt.to_numpy(rt.decode([t], c, [0])[0]) for t in seq[n:]])
+    for step in range(6):
+        ts = [seq[n + step] for seq, n in zip(seqs, lengths)]
+        logits = rt.to_numpy(rt.decode(ts, cache, list(slots)))
+        for row, (ref, n) in enumerate(zip(refs, lengths)):
+            assert np.abs(logits[row] - ref[n + step]).max() <= TOL
+            assert np.abs(logits[row] - alone[row][step]).max() <= TOL
+    assert [cache.lengths[s] for s in slots] == [n + 6 for n in lengths]
+
+
+def test_truncate_then_prefill_suffix(rt, model):
+    ids = tokens(30, seed=2)
+    ref = model.reference(ids)
+    cache = rt.new_cache()
+    rt.prefill(ids[:20], cache)
+    for t in ids[20:24]:
+        rt.decode([t], cache, [0])
+    cache.truncate(0, 12)
+    assert cache.lengths == [12]
+    close(rt, rt.prefill(ids[12:24], cache), ref[23])
+    close(rt, rt.decode([ids[24]], cache, [0])[0], ref[24])
+    assert cache.lengths == [25]
+
+
+def test_cache_grows_across_its_step(rt, model):
+    ids = tokens(262, seed=3)
+    ref = model.reference(ids)
+    cache = rt.new_cache()
+    close(rt, rt.prefill(ids[:250], cache), ref[249])
+    small = cache.nbytes
+    for i in range(250, 262):
+        close(rt, rt.decode([ids[i]], cache, [0])[0], ref[i])
+    assert cache.nbytes >= small > 0
+
+
+def test_context_overflow(rt, model):
+    ids = tokens(30, seed=4)
+    cache = rt.new_cache(max_len=24)
+    with pytest.raises(ContextOverflow):
+        rt.prefill(ids, cache)
+    rt.prefill(ids[:20], cache)
+    for t in ids[20:24]:
+        rt.decode([t], cache, [0])
+    with pytest.raises(ContextOverflow):
+        rt.decode([ids[24]], cache, [0])
+
+
+def test_stream_greedy_follows_reference(rt, model):
+    prompt = tokens(10, seed=5)
+    gen = rt.stream(prompt, rt.new_cache(), 0, rt.sampler(SamplingParams(temperature=0), prompt))
+    out = [next(gen).token for _ in range(8)]
+    gen.close()
+    ref = model.reference(prompt + out)
+    assert out == ref[len(prompt) - 1:-1].argmax(-1).tolist()

@@ -1,0 +1,52 @@
+"""Real models against the reference: fermi's greedy tokens equal transformers'
+greedy tokens on the same GGUF file."""
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+from models import engine
+
+PROMPTS = [
+    [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}],
+    [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Tell me about your ship."}],
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+]
+N = 32
+
+
+@lru_cache(maxsize=None)
+def reference(path: str):
+    from transformers import AutoModelForCausalLM
+
+    p = __import__("pathlib").Path(path)
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+def check_against_transformers(eng, prompts=PROMPTS):
+    hf = reference(str(eng.model.gguf))
+    for messages in prompts:
+        prompt = eng.prompt(messages)
+        recs = list(eng.session().chat(messages, max_new_tokens=N, temperature=0.0))
+        ours = recs[-1].tokens
+        theirs = greedy_reference(hf, prompt.ids, len(ours))
+        assert ours == theirs, messages
+        assert len(ours) == N, "the model stopped early: pick a prompt with a longer answer"
+
+
+def test_smollm2_greedy_equals_transformers(backend):
+    check_against_transformers(engine(backend))
+
+
+@pytest.mark.slow
+def test_qwen25_coder_greedy_equals_transformers(backend):
+    from fermi.embedded import qwen25_coder_path
+
+    check_against_transformers(engine(backend, str(qwen25_coder_path())))

@@ -1,0 +1,113 @@
+"""Tiny random-weight reference models, shared by the backends' tests.
+
+`build(arch, root)` makes a transformers model (the reference implementation),
+saves it with `save_pretrained` (config.json + model.safetensors) and returns a
+`Tiny` with the directory, a `ModelFiles` for it (no tokenizer needed) and the
+reference's logits. Also per-backend helpers: `backend_module`, `to_backend`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fermi.config import ModelConfig
+from fermi.sources import ModelFiles
+
+VOCAB = 300
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    initializer_range=0.15, rms_norm_eps=1e-6,
+)
+
+# arch name -> (transformers class names, config overrides). Between them they cover:
+# head_dim != hidden/heads, q/k/v bias, q/k norm, llama3 and linear rope scaling,
+# tied and untied embeddings, o_proj and MLP biases, a non-default rope_theta.
+SPECS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=32, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+}
+
+
+@dataclass
+class Tiny:
+    arch: str
+    path: Path
+    files: ModelFiles
+    hf: torch.nn.Module  # the reference, float32, eager attention
+
+    def reference(self, ids) -> np.ndarray:
+        """Full-sequence logits of the reference, [len(ids), vocab]."""
+        with torch.no_grad():
+            return self.hf(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def build(arch: str, root: Path, seed: int = 0) -> Tiny:
+    import transformers
+
+    config_name, model_name, overrides = SPECS[arch]
+    config = getattr(transformers, config_name)(**COMMON, **overrides)
+    config._attn_implementation = "eager"  # the plainest reference math
+    torch.manual_seed(seed)
+    hf = getattr(transformers, model_name)(config).float().eval()
+    with torch.no_grad():  # init leaves norms at 1 and biases at 0: make them matter
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+    path = Path(root) / arch
+    hf.save_pretrained(path)
+    return Tiny(arch, path, model_files(path), hf)
+
+
+def model_files(path: Path) -> ModelFiles:
+    """A ModelFiles for a directory of config.json + *.safetensors, no tokenizer."""
+    path = Path(path)
+    config = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    return ModelFiles(
+        name=path.name, path=path, config=config, tokenizer=None, chat_template=None,
+        _weights=sorted(path.glob("*.safetensors")),
+    )
+
+
+def backend_module(name: str):
+    """fermi.backends.<name>, or skip the test where it cannot run here."""
+    try:
+        module = importlib.import_module(f"fermi.backends.{name}")
+    except ImportError as e:
+        pytest.skip(f"backend {name} not importable: {e}")
+    if not hasattr(module, "available"):
+        pytest.skip(f"backend {name} is not written yet")
+    reason = module.available()
+    if reason:
+        pytest.skip(f"backend {name} cannot run here: {reason}")
+    return module
+
+
+def to_backend(name: str, x) -> object:
+    """A numpy array as the backend's own array type (float32)."""
+    x = np.asarray(x, dtype=np.float32)
+    if name == "torch":
+        return torch.from_numpy(x.copy())
+    if name == "mlx":
+        import mlx.core as mx
+
+        return mx.array(x)
+    raise ValueError(name)
