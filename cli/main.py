@@ -8,10 +8,10 @@ import sys
 from fermi import __version__
 from fermi.errors import FermiError
 
-from . import run
+from . import chat, run, serve
 from .common import debug
 
-VERBS = [run]
+VERBS = [run, chat, serve]
 
 
 def parser() -> argparse.ArgumentParser:
