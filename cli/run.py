@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from fermi.engine import Done
+
 from .common import add_generation_args, add_model_args, load_engine, sampling_kwargs
 
 
@@ -23,34 +25,32 @@ def run(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    out, err = sys.stdout, sys.stderr
-    dim = err.isatty()
     stream = engine.session().chat(messages, args.thinking, max_new_tokens=args.max_new_tokens,
                                    stop=args.stop, **sampling_kwargs(args))
-    kind = "content"
+    out, err = sys.stdout, sys.stderr
+    shown = "content"  # the kind of the text last written to stdout
+    thought = False  # reasoning went to stderr without its closing newline
     for rec in stream:
-        if not hasattr(rec, "kind"):
-            done = rec
+        if isinstance(rec, Done):
             break
         if rec.kind == "reasoning" and not args.show_thinking:
-            err.write(f"\x1b[2m{rec.text}\x1b[0m" if dim else rec.text)
+            err.write(f"\x1b[2m{rec.text}\x1b[0m" if err.isatty() else rec.text)
             err.flush()
-            kind = rec.kind
+            thought = True
             continue
-        if args.show_thinking and rec.kind != kind:
-            out.write("<think>\n" if rec.kind == "reasoning" else "\n</think>\n\n")
-        elif kind == "reasoning" and not args.show_thinking:
+        if thought:
             err.write("\n")
-        kind = rec.kind
+            thought = False
+        if args.show_thinking and rec.kind != shown:
+            out.write("<think>\n" if rec.kind == "reasoning" else "\n</think>\n\n")
+        shown = rec.kind
         out.write(rec.text)
         out.flush()
-    if args.show_thinking and kind == "reasoning":
-        out.write("\n</think>\n")
-    out.write("\n")
+    out.write("\n</think>\n" if shown == "reasoning" else "\n")
     out.flush()
     if args.verbose:
         r = engine.runtime
-        print(f"prompt {done.prompt_tokens} tokens ({done.cached_tokens} cached) · generated {done.completion_tokens} "
-              f"· ttft {done.ttft * 1000:.0f} ms · {done.decode_tps:.1f} tok/s · {r.backend} {r.dtype} "
-              f"· finish {done.finish_reason}", file=err)
+        print(f"prompt {rec.prompt_tokens} tokens ({rec.cached_tokens} cached) · generated {rec.completion_tokens} "
+              f"· ttft {rec.ttft * 1000:.0f} ms · {rec.decode_tps:.1f} tok/s · {r.backend} {r.device} {r.dtype} "
+              f"· weights {r.weight_bytes / 2**20:.0f} MiB · finish {rec.finish_reason}", file=err)
     return 0

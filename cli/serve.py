@@ -1,0 +1,123 @@
+"""`fermi serve`: the OpenAI-compatible HTTP server.
+
+The port is bound first and the model loads on the engine thread meanwhile
+(GET /health answers 503 until it is ready). Ctrl-C or SIGTERM cancels the
+running generations and shuts down cleanly (exit status 0)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from fermi.errors import FermiError
+
+from .common import add_model_args, load_engine
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat completions, responses, models)")
+    add_model_args(p)
+    g = p.add_argument_group("server (flags win over the environment variables)")
+    g.add_argument("--host", help="interface to listen on (default: $FERMI_HOST or 127.0.0.1; "
+                   "0.0.0.0 listens on every interface)")
+    g.add_argument("--port", type=int, help="default: $FERMI_PORT or 8000")
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $FERMI_API_KEY)")
+    g.add_argument("--pool", type=int, help="generations run at once (default: $FERMI_ENGINE_POOL or 1)")
+    g.add_argument("--queue-max", type=int, help="generations that may wait; more are refused with 503 "
+                   "(default: $FERMI_QUEUE_MAX or 64)")
+    g.add_argument("--session-max", type=int, help="conversations whose KV cache is kept "
+                   "(default: $FERMI_SESSION_MAX or 4)")
+    g.add_argument("--session-ttl-ms", type=int, help="idle time after which a kept cache is dropped, "
+                   "0 = never (default: $FERMI_SESSION_TTL_MS or 30 minutes)")
+    g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
+    p.set_defaults(func=serve)
+
+
+def serve(args) -> int:
+    import uvicorn
+
+    from fermi.server.app import RequestLog, Settings, create_app
+    from fermi.template import ChatTemplate
+
+    settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, pool=args.pool,
+                                 queue_max=args.queue_max, session_max=args.session_max,
+                                 session_ttl_ms=args.session_ttl_ms)
+    if args.model:
+        settings.aliases = [args.model]
+    template = None
+    if args.chat_template:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise FermiError(f"cannot read the chat template {args.chat_template}: {e.strerror}") from None
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fermi: %(message)s"))
+    log = logging.getLogger("fermi.server")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+    def load():
+        engine = load_engine(args)
+        if template is not None:
+            engine.model = dataclasses.replace(engine.model, chat_template=template)
+            engine.template = ChatTemplate(template, engine.tokenizer.bos_token, engine.tokenizer.eos_token)
+        return engine
+
+    failed: list[BaseException] = []
+
+    def on_error(e: BaseException) -> None:
+        failed.append(e)
+        server.should_exit = True
+
+    app = create_app(load, settings, on_ready=lambda engine: log.info("ready: %s", engine.name), on_error=on_error)
+    config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    sock = bind(settings.host, settings.port)
+    server = make_server(config, app.state.scheduler)
+    server.run(sockets=[sock])
+    if failed:
+        e = failed[0]
+        raise e if isinstance(e, (FermiError, OSError, ValueError, RuntimeError)) else FermiError(str(e))
+    return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything loads: a port in use is one
+    clear error line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def make_server(config, scheduler):
+    """uvicorn's Server, plus: a shutdown signal cancels the running generations
+    (so their streams end now), and a clean shutdown exits 0 rather than
+    re-raising the signal."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                host, port = (sockets[0].getsockname()[:2] if sockets else (config.host, config.port))
+                logging.getLogger("fermi.server").info(
+                    "listening on http://%s:%d (model %s)", host, port,
+                    "ready" if scheduler.ready.is_set() else "loading")
+
+        def handle_exit(self, sig, frame):
+            scheduler.cancel_all()
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()
+
+    return Server(config)

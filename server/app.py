@@ -1,0 +1,207 @@
+"""The Litestar application: `create_app()` wires the controllers, the engine
+thread (started by the lifespan, which loads the model there so the port answers
+/health with 503 meanwhile), the API key guard, and the one error shape every
+failure answers with: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import anyio
+from litestar import Litestar, Request, Response, Router
+from litestar.connection import ASGIConnection
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+
+from fermi import __version__
+from fermi.engine import Engine
+from fermi.errors import ContextOverflow, FermiError
+from fermi.sessions import DEFAULT_MAX, DEFAULT_TTL_MS
+
+from .chat import ChatController
+from .models import HealthController, ModelsController
+from .responses import ResponsesController
+from .scheduler import Limits, Scheduler
+from .schemas import APIError
+
+log = logging.getLogger("fermi.server")
+
+MAX_BODY = 8 * 1024 * 1024  # bytes: far more than any context's worth of text
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    pool: int = 1  # FERMI_ENGINE_POOL: generations run at once
+    queue_max: int = 64  # FERMI_QUEUE_MAX: generations waiting beyond those; more are refused (503)
+    session_max: int = DEFAULT_MAX  # FERMI_SESSION_MAX
+    session_ttl_ms: int = DEFAULT_TTL_MS  # FERMI_SESSION_TTL_MS, 0 = none
+    max_body: int = MAX_BODY  # FERMI_MAX_BODY: bytes; larger request bodies are refused (413)
+    aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
+
+    ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "pool": "FERMI_ENGINE_POOL",
+           "queue_max": "FERMI_QUEUE_MAX", "session_max": "FERMI_SESSION_MAX",
+           "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY"}
+
+    @classmethod
+    def from_env(cls, env=None, **flags) -> "Settings":
+        """Defaults, then environment variables, then `flags` that are not None."""
+        env = os.environ if env is None else env
+        s = cls()
+        for name, var in cls.ENV.items():
+            raw = (env.get(var) or "").strip()
+            value = flags.get(name)
+            if value is None and raw:
+                value = raw
+            if value is None:
+                continue
+            if isinstance(getattr(cls, name, None), int) and not isinstance(value, int):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise FermiError(f"{var} must be an integer, not '{value}'") from None
+            setattr(s, name, value)
+        s.api_key = s.api_key or None
+        for name, least in (("pool", 1), ("session_max", 1), ("queue_max", 0), ("session_ttl_ms", 0),
+                            ("max_body", 0)):
+            if getattr(s, name) < least:
+                spelled = cls.ENV[name] if name == "max_body" else f"--{name.replace('_', '-')} / {cls.ENV[name]}"
+                raise FermiError(f"{spelled} must be at least {least}, not {getattr(s, name)}")
+        return s
+
+
+def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = None,
+               on_ready: Callable[[Engine], None] | None = None,
+               on_error: Callable[[BaseException], None] | None = None) -> Litestar:
+    """The app. `load` makes the engine (it runs on the engine thread, after the
+    server is up), or is an engine already loaded."""
+    settings = settings or Settings()
+    loader = load if callable(load) and not isinstance(load, Engine) else (lambda: load)
+    scheduler = Scheduler(
+        loader,
+        Limits(settings.pool, settings.queue_max, settings.session_max, settings.session_ttl_ms),
+        on_ready=on_ready, on_error=on_error, aliases=settings.aliases,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(scheduler.stop)
+
+    def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+        if not settings.api_key:
+            return
+        scheme, _, token = connection.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise NotAuthorizedException("missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+    v1 = Router(path="/v1", route_handlers=[ChatController, ResponsesController, ModelsController],
+                guards=[api_key_guard])
+    app = Litestar(
+        route_handlers=[v1, HealthController],
+        dependencies={"scheduler": Provide(lambda: scheduler, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers={Exception: error_response},
+        request_max_body_size=settings.max_body,
+        openapi_config=OpenAPIConfig(title="fermi", version=__version__,
+                                     description="An OpenAI-compatible server for local models."),
+        debug=False,
+    )
+    app.state.scheduler = scheduler
+    app.state.settings = settings
+    return app
+
+
+STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
+                429: "rate_limit_error"}
+STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+def to_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationException):
+        extra = exc.extra if isinstance(exc.extra, list) else []
+        first = extra[0] if extra and isinstance(extra[0], dict) else {}
+        param = first.get("key") or None
+        message = first.get("message") or exc.detail
+        if missing := re.search(r"missing required field `([^`]+)`", message):
+            prefix = "" if param in (None, "data") else f"{param}."
+            param = prefix + missing.group(1)
+            return APIError(400, f"'{param}' is required", param=param, code="missing_required_parameter")
+        if param in (None, "data"):  # the body as a whole: not a JSON object, or no body at all
+            detail = "" if message.strip("'") == "data" else f" ({message})"
+            return APIError(400, f"the request body must be a JSON object{detail}", code="invalid_request")
+        return APIError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
+    if isinstance(exc, HTTPException):
+        status = exc.status_code
+        detail = exc.detail or ""
+        code = STATUS_CODES.get(status)
+        if status == 400 and "json" in detail.lower():
+            detail, code = f"the request body is not valid JSON: {detail}", "invalid_json"
+        elif status == 413:
+            detail = "the request body is too large"
+        kind = STATUS_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return APIError(status, detail, type=kind, code=code)
+    if isinstance(exc, ContextOverflow):
+        return APIError(400, str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, FermiError):
+        return APIError(400, str(exc))
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, f"internal error ({type(exc).__name__}); the server keeps serving",
+                    type="server_error", code="internal_error")
+
+
+def error_response(request: Request, exc: Exception) -> Response:
+    err = to_api_error(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return Response(err.body(), status_code=err.status, headers=headers, media_type="application/json")
+
+
+class RequestLog:
+    """ASGI wrapper: one line per request on the `fermi.server` logger: method,
+    path, status, tokens (when a controller left them in the scope), duration."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __getattr__(self, name):  # the wrapped app's state and the like
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        info = scope["fermi.log"] = {"status": 0}
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            tokens = ""
+            if "prompt_tokens" in info:
+                tokens = (f" prompt={info['prompt_tokens']} cached={info.get('cached_tokens', '?')}"
+                          f" completion={info.get('completion_tokens', 0)}")
+            note = f" ({info['note']})" if info.get("note") else ""
+            log.info("%s %s %s%s %.3fs%s", scope["method"], scope["path"], info["status"] or "-", tokens,
+                     time.perf_counter() - start, note)

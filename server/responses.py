@@ -1,0 +1,259 @@
+"""POST /v1/responses: OpenAI's Responses API. The answer is a response object
+whose output holds a `reasoning` item (when the model thought) and a `message`
+item; streamed, it comes as typed events, each with its sequence_number:
+
+    response.created, response.in_progress,
+    per item: response.output_item.added, response.content_part.added,
+              response.reasoning_text.delta* / response.output_text.delta*,
+              response.reasoning_text.done / response.output_text.done,
+              response.content_part.done, response.output_item.done,
+    response.completed (or response.incomplete when max_output_tokens ran out)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import AsyncIterator
+
+import msgspec
+from litestar import Controller, Request, post
+from litestar.response import Stream
+
+from fermi.engine import Delta, Done, Engine
+from fermi.errors import FermiError
+from fermi.sampling import SamplingParams
+
+from .chat import note
+from .scheduler import Job, Scheduler
+from .schemas import (
+    APIError, ErrorBody, IncompleteDetails, InputItem, InputTokensDetails, MessageItem, OutputText,
+    OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest,
+    ResponseUsage, TextConfig, TextFormat,
+)
+
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class ResponsesController(Controller):
+    path = "/responses"
+    tags = ["responses"]
+
+    @post(summary="Create a model response", status_code=200,
+          description="OpenAI's Responses API. With stream=true the answer comes as typed server-sent "
+                      "events, each with its sequence_number, ending in response.completed or "
+                      "response.incomplete.")
+    async def create(self, request: Request, data: ResponsesRequest, scheduler: Scheduler) -> ResponseObject:
+        engine = scheduler.require_model(data.model)
+        if data.previous_response_id:
+            raise APIError(400, "previous_response_id is not supported: this server stores no responses; "
+                           "send the whole conversation as input", param="previous_response_id",
+                           code="unsupported_value")
+        if data.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_value")
+        messages = input_messages(data)
+        effort = data.reasoning.effort if data.reasoning else None
+        stop = [data.stop] if isinstance(data.stop, str) else data.stop
+        job = await scheduler.submit(messages, data.thinking_mode(effort), data.sampling(), data.max_output_tokens,
+                                     stop)
+        build = Builder(engine, data, job.work.params)
+        log = request.scope.get("fermi.log", {})
+        if data.stream:
+            return Stream(sse_events(job, build, log), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        records = await job.collect(request.receive)
+        for rec in records[:-1]:
+            build.add(rec)
+        note(log, records[-1])
+        build.finish(records[-1])
+        return build.response()
+
+
+def input_messages(data: ResponsesRequest) -> list[dict]:
+    """instructions + input as chat messages. A reasoning item's text goes with the
+    assistant message after it, as reasoning_content (the template decides)."""
+    messages = [{"role": "system", "content": data.instructions}] if data.instructions else []
+    if isinstance(data.input, str):
+        return messages + [{"role": "user", "content": data.input}]
+    if not data.input:
+        raise APIError(400, "input must not be empty", param="input", code="invalid_value")
+    reasoning = None
+    for i, item in enumerate(data.input):
+        kind = item.type or "message"
+        if kind == "reasoning":
+            parts = item.content or []
+            reasoning = parts if isinstance(parts, str) else "".join(p.text or "" for p in parts)
+            continue
+        if kind != "message":
+            raise APIError(400, f"input items of type '{kind}' are not supported", param=f"input[{i}].type",
+                           code="unsupported_value")
+        if item.role is None:
+            raise APIError(400, "an input message needs a role", param=f"input[{i}].role", code="missing_required")
+        message = {"role": "system" if item.role == "developer" else item.role, "content": item_text(item, i)}
+        if item.role == "assistant" and reasoning:
+            message["reasoning_content"] = reasoning
+        reasoning = None
+        messages.append(message)
+    if not messages:
+        raise APIError(400, "input holds no message", param="input", code="invalid_value")
+    return messages
+
+
+def item_text(item: InputItem, index: int) -> str:
+    if item.content is None or isinstance(item.content, str):
+        return item.content or ""
+    texts = []
+    for j, part in enumerate(item.content):
+        if part.type not in TEXT_PARTS or part.text is None:
+            raise APIError(400, f"content parts of type '{part.type}' are not supported: send text",
+                           param=f"input[{index}].content[{j}]", code="unsupported_value")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+class Builder:
+    """Turns records into output items (and their stream events), and the
+    response object around them."""
+
+    def __init__(self, engine: Engine, data: ResponsesRequest, params: SamplingParams):
+        self.engine, self.data, self.params = engine, data, params
+        self.id = f"resp_{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.items: list[ReasoningItem | MessageItem] = []
+        self.texts: list[list[str]] = []  # per item, its text pieces
+        self.seq = 0
+        self.status = "in_progress"
+        self.done: Done | None = None
+
+    def event(self, type: str, **fields) -> bytes:
+        body = {"type": type, "sequence_number": self.seq, **fields}
+        self.seq += 1
+        return b"event: " + type.encode() + b"\ndata: " + msgspec.json.encode(body) + b"\n\n"
+
+    def response(self) -> ResponseObject:
+        d, p = self.data, self.params
+        usage = incomplete = None
+        if self.done is not None:
+            reasoning = "".join("".join(t) for it, t in zip(self.items, self.texts) if isinstance(it, ReasoningItem))
+            r_tokens = len(self.engine.tokenizer.encode(reasoning)) if reasoning else 0
+            usage = ResponseUsage(
+                input_tokens=self.done.prompt_tokens,
+                input_tokens_details=InputTokensDetails(self.done.cached_tokens,
+                                                        self.done.prompt_tokens - self.done.cached_tokens),
+                output_tokens=self.done.completion_tokens,
+                output_tokens_details=OutputTokensDetails(min(r_tokens, self.done.completion_tokens)),
+                total_tokens=self.done.prompt_tokens + self.done.completion_tokens,
+            )
+            if self.status == "incomplete":
+                incomplete = IncompleteDetails("max_output_tokens")
+        return ResponseObject(
+            id=self.id, created_at=self.created, status=self.status,
+            completed_at=int(time.time()) if self.status == "completed" else None,
+            model=self.engine.name, output=list(self.items), usage=usage, incomplete_details=incomplete,
+            instructions=d.instructions, max_output_tokens=d.max_output_tokens,
+            temperature=p.temperature, top_p=p.top_p, metadata=d.metadata or {},
+            reasoning=ReasoningConfig(d.reasoning.effort if d.reasoning else None,
+                                      d.reasoning.summary if d.reasoning else None),
+            text=TextConfig(TextFormat()),
+        )
+
+    def start(self) -> list[bytes]:
+        r = self.response()
+        return [self.event("response.created", response=r), self.event("response.in_progress", response=r)]
+
+    def _open(self, kind: str) -> list[bytes]:
+        if kind == "reasoning":
+            item = ReasoningItem(id=f"rs_{uuid.uuid4().hex}", content=[], status="in_progress")
+            part = ReasoningText(text="")
+        else:
+            item = MessageItem(id=f"msg_{uuid.uuid4().hex}", content=[], status="in_progress")
+            part = OutputText(text="")
+        self.items.append(item)
+        self.texts.append([])
+        i = len(self.items) - 1
+        return [self.event("response.output_item.added", output_index=i, item=item),
+                self.event("response.content_part.added", item_id=item.id, output_index=i, content_index=0,
+                           part=part)]
+
+    def _close(self, status: str) -> list[bytes]:
+        """End the last item: its text done, its part done, the item done."""
+        i = len(self.items) - 1
+        item, text = self.items[i], "".join(self.texts[i])
+        item.status = status
+        if isinstance(item, ReasoningItem):
+            item.content = [ReasoningText(text=text)]
+            done = self.event("response.reasoning_text.done", item_id=item.id, output_index=i, content_index=0,
+                              text=text)
+        else:
+            item.content = [OutputText(text=text)]
+            done = self.event("response.output_text.done", item_id=item.id, output_index=i, content_index=0,
+                              text=text, logprobs=[])
+        return [done,
+                self.event("response.content_part.done", item_id=item.id, output_index=i, content_index=0,
+                           part=item.content[0]),
+                self.event("response.output_item.done", output_index=i, item=item)]
+
+    def _open_kind(self) -> str | None:
+        if not self.items or self.items[-1].status != "in_progress":
+            return None
+        return "reasoning" if isinstance(self.items[-1], ReasoningItem) else "content"
+
+    def add(self, d: Delta) -> list[bytes]:
+        out: list[bytes] = []
+        if self._open_kind() != d.kind:
+            if self._open_kind() is not None:
+                out += self._close("completed")
+            out += self._open(d.kind)
+        i = len(self.items) - 1
+        self.texts[i].append(d.text)
+        item_id = self.items[i].id
+        if d.kind == "reasoning":
+            out.append(self.event("response.reasoning_text.delta", item_id=item_id, output_index=i,
+                                  content_index=0, delta=d.text))
+        else:
+            out.append(self.event("response.output_text.delta", item_id=item_id, output_index=i,
+                                  content_index=0, delta=d.text, logprobs=[]))
+        return out
+
+    def finish(self, done: Done) -> list[bytes]:
+        """Close the open item; a response always ends with a message item."""
+        self.done = done
+        incomplete = done.finish_reason == "length"
+        out: list[bytes] = []
+        if self._open_kind() is not None:
+            out += self._close("incomplete" if incomplete else "completed")
+        if not any(isinstance(it, MessageItem) for it in self.items):
+            out += self._open("content")
+            out += self._close("incomplete" if incomplete else "completed")
+        self.status = "incomplete" if incomplete else "completed"
+        return out
+
+    def final(self) -> bytes:
+        kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
+        return self.event(kind, response=self.response())
+
+
+async def sse_events(job: Job, build: Builder, log: dict) -> AsyncIterator[bytes]:
+    log.update(prompt_tokens=len(job.work.prompt.ids))
+    try:
+        for e in build.start():
+            yield e
+        async for rec in job.records():
+            if isinstance(rec, Done):
+                for e in build.finish(rec):
+                    yield e
+                note(log, rec)
+                yield build.final()
+                break
+            log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
+            for e in build.add(rec):
+                yield e
+    except (FermiError, APIError) as e:  # after the headers went out: a failed response ends the stream
+        message = e.message if isinstance(e, APIError) else str(e)
+        build.status = "failed"
+        r = build.response()
+        r.error = ErrorBody(message, "server_error", None, "generation_failed")
+        yield build.event("response.failed", response=r)
+    finally:
+        if not job.finished:
+            log["note"] = "client disconnected"
+        job.abandon()
