@@ -1,0 +1,158 @@
+"""Llama (SmolLM2, Llama 3.x) in MLX; the base that qwen2.py and qwen3.py extend.
+
+Read top to bottom: config → RoPE → Attention → MLP → Block → Model. Module names
+match the Hugging Face checkpoint (model.layers.N.self_attn.q_proj, ...), so its
+safetensors load with no renaming. Layers never move a cache position: they write
+where the `Span` says (see cache.py) and the runtime advances the lengths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from fermi.config import ModelConfig
+from fermi.errors import FermiError
+
+from .cache import Span
+
+
+def rope_settings(cfg: ModelConfig) -> tuple[float, dict | None]:
+    """(theta, scaling). transformers 5 writes both into `rope_parameters`."""
+    params = cfg.extra.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.rope_theta))
+    scaling = cfg.rope_scaling or params
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    return theta, None if kind == "default" else scaling
+
+
+class RoPE(nn.Module):
+    """HF layout (rotate halves, traditional=False); Llama 3 scaling as custom frequencies."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dims = cfg.head_dim
+        theta, scaling = rope_settings(cfg)
+        self.base, self.scale, self._freqs = theta, 1.0, None  # "_": not a parameter
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+        if kind == "linear":
+            self.scale = 1.0 / scaling["factor"]
+        elif kind == "llama3":
+            self._freqs = llama3_freqs(self.dims, theta, scaling)
+            self.base = None
+        elif kind is not None:
+            raise FermiError(f"rope scaling '{kind}' is not supported by the MLX backend")
+
+    def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale,
+                            offset=offset, freqs=self._freqs)
+
+
+def llama3_freqs(dims: int, theta: float, s: dict) -> mx.array:
+    """Llama 3.1's wavelength-dependent stretch of the RoPE periods (as in HF)."""
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s.get("original_max_position_embeddings", 8192)
+    periods = theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # 1 / inv_freq
+    wavelens = 2 * math.pi * periods
+    smooth = (old_len / wavelens - low) / (high - low)
+    medium = periods / ((1 - smooth) / factor + smooth)
+    stretched = mx.where(wavelens > old_len / low, periods * factor, periods)
+    is_medium = (wavelens >= old_len / high) & (wavelens <= old_len / low)
+    return mx.where(is_medium, medium, stretched)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim, self.n_heads, self.n_kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = hd = cfg.head_dim
+        self.scale = hd ** -0.5
+        qkv_bias, o_bias = self.biases(cfg)
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=o_bias)
+        self.rope = RoPE(cfg)
+
+    @staticmethod
+    def biases(cfg: ModelConfig) -> tuple[bool, bool]:
+        """(q/k/v bias, o bias): Llama has one switch for all four."""
+        return cfg.attention_bias, cfg.attention_bias
+
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        B, L, _ = x.shape
+        # [B, L, heads * hd] -> [B, heads, L, hd]
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    def __call__(self, x: mx.array, span: Span, layer: int) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = self.rope(q, span.offset), self.rope(k, span.offset)
+        k, v = span.update(layer, k, v)
+        # GQA is native: k/v keep n_kv_heads.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=span.mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        dim, hidden, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: type[Attention]):
+        super().__init__()
+        self.self_attn = attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x: mx.array, span: Span, layer: int) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), span, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention: type[Attention]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [Block(cfg, attention) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, ids: mx.array, span: Span) -> mx.array:
+        h = self.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, span, i)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """`hidden` (ids [B, L] -> [B, L, hidden]) and `logits` are separate so a prefill
+    runs the vocabulary projection on its last position only."""
+
+    attention = Attention
+
+    def __init__(self, cfg: ModelConfig, tied: bool):
+        super().__init__()
+        self.tied = tied
+        self.model = Transformer(cfg, self.attention)
+        if not tied:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def hidden(self, ids: mx.array, span: Span) -> mx.array:
+        return self.model(ids, span)
+
+    def logits(self, h: mx.array) -> mx.array:
+        return self.model.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
