@@ -1,6 +1,6 @@
 """Model configuration: one flat dataclass keyed like Hugging Face's config.json."""
 
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import FermiError
 
@@ -29,10 +29,6 @@ class ModelConfig:
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        if self.model_type not in ARCHITECTURES:
-            raise FermiError(
-                f"unsupported architecture '{self.model_type}' (fermi runs: {', '.join(ARCHITECTURES)})"
-            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -43,6 +39,13 @@ class ModelConfig:
         names = {f.name for f in fields(cls)} - {"extra"}
         if "model_type" not in d:
             raise FermiError("model config has no 'model_type'")
+        if d["model_type"] not in ARCHITECTURES:
+            raise FermiError(
+                f"unsupported architecture '{d['model_type']}' (fermi runs: {', '.join(ARCHITECTURES)})"
+            )
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        if missing := [k for k in required if k not in d]:
+            raise FermiError(f"model config lacks {', '.join(missing)}")
         known = {k: v for k, v in d.items() if k in names}
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
 
