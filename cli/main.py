@@ -8,10 +8,10 @@ import sys
 from fermi import __version__
 from fermi.errors import FermiError
 
-from . import chat, run, serve
+from . import bench, chat, run, serve
 from .common import debug
 
-VERBS = [run, chat, serve]
+VERBS = [run, chat, serve, bench]
 
 
 def parser() -> argparse.ArgumentParser:
