@@ -179,7 +179,10 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig, attention: type[Attention]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An explicit empty weight skips the random init: the checkpoint fills it, and
+        # normal_ on the meta device costs over a second of one-time setup at startup.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
