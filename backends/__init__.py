@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
-from fermi.errors import FermiError
+from fermi.errors import ContextOverflow, FermiError
 from fermi.sampling import SamplingParams
 
 BACKENDS = ("mlx", "torch")
@@ -82,6 +82,19 @@ class Runtime(Protocol):
         ...
 
     def to_numpy(self, x: Any): ...
+
+
+GROW_STEP = 256  # KV caches grow in steps of this many positions
+
+
+def grown_capacity(n: int, capacity: int, max_len: int) -> int | None:
+    """The capacity a KV cache needs to hold positions [0, n): None when it already
+    has room; ContextOverflow past max_len. Shared by every backend's cache."""
+    if n > max_len:
+        raise ContextOverflow(n, max_len)
+    if n <= capacity:
+        return None
+    return min(max_len, -(-n // GROW_STEP) * GROW_STEP)
 
 
 def resolve_name(name: str | None = None) -> str:

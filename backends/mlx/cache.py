@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from fermi.errors import ContextOverflow, FermiError
+from fermi.backends import grown_capacity
+from fermi.errors import FermiError
 
-GROW_STEP = 256
 
 
 class Span:
@@ -78,11 +78,9 @@ class KVCache:
 
     def reserve(self, n: int) -> None:
         """Make room for positions [0, n); ContextOverflow past max_len."""
-        if n > self.max_len:
-            raise ContextOverflow(n, self.max_len)
-        if n <= self.capacity:
+        capacity = grown_capacity(n, self.capacity, self.max_len)
+        if capacity is None:
             return
-        capacity = min(self.max_len, -(-n // GROW_STEP) * GROW_STEP)
         b, h, d = self._shape
         for store in (self.keys, self.values):
             for i, old in enumerate(store):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fermi.errors import ContextOverflow, FermiError
+from fermi.backends import grown_capacity
+from fermi.errors import FermiError
 
-GROW_STEP = 256
 
 
 @dataclass
@@ -74,11 +74,9 @@ class KVCache:
 
     def reserve(self, n: int) -> None:
         """Make room for positions [0, n); ContextOverflow past max_len."""
-        if n > self.max_len:
-            raise ContextOverflow(n, self.max_len)
-        if n <= self.capacity:
+        capacity = grown_capacity(n, self.capacity, self.max_len)
+        if capacity is None:
             return
-        capacity = min(self.max_len, -(-n // GROW_STEP) * GROW_STEP)
         old = self.capacity
         for layer in range(len(self.k)):
             for store in (self.k, self.v):
