@@ -13,6 +13,7 @@ Unsupported from `load`; the table shows it as such, never as a number.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import time
@@ -122,6 +123,10 @@ class Fermi(Adapter):
         module = self._module()
         try:
             model = sources.resolve(spec["gguf"])
+            if self.backend == "mlx" and self.quantize:
+                # A GGUF's quantized tensors stay as they are under quantize=4|8; to
+                # compare with mlx-lm, quantize the float32 conversion, as it does.
+                model = dataclasses.replace(model, gguf=None)
             runtime = module.load(model, dtype=self.dtype, quantize=self.quantize)
         except FermiError as e:
             if "not supported" in str(e) or "cannot run" in str(e):
@@ -472,8 +477,8 @@ ENGINES = {
     "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", None),
     "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),
     "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),
-    # MLX: quantize=0 dequantizes the GGUF to the dtype; 4/8 re-quantize (group 64);
-    # "gguf" keeps the file's own Q4_0/Q4_1/Q8_0 blocks (what fermi does by default).
+    # MLX: quantize=0 dequantizes the GGUF to the dtype; 4/8 quantize the float32
+    # conversion (group 64); "gguf" keeps the file's own blocks (fermi's default).
     # "quant": quant_dtype(), float16 on Metal, float32 on the CPU.
     "fermi-mlx-f32": _fermi("fermi-mlx-f32", "mlx", "float32", 0),
     "fermi-mlx-f16": _fermi("fermi-mlx-f16", "mlx", "float16", 0),

@@ -15,14 +15,18 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fermi.engine import Done, Engine
 from fermi.errors import ContextOverflow, FermiError
 from fermi.thinking import MODES
 
 from .common import add_generation_args, add_model_args, debug, load_engine, sampling_kwargs
-from .render import PlainView, RichView, TurnStats
-from .repl import CtrlC, no_echo
+if TYPE_CHECKING:
+    from .render import TurnStats
+
+# render (rich) and repl (prompt_toolkit) are imported where used: `fermi run`
+# and `fermi serve` load this module for its arguments only, and start faster.
 
 COMMANDS = {  # name: (argument, what it does)
     "/help": ("", "this help"),
@@ -194,6 +198,9 @@ class Chat:
         done: Done | None = None
         stream = self.session.generate(prompt, params, max_new_tokens=self.args.max_new_tokens,
                                        stop=self.args.stop, cancel=self._cancel.is_set)
+        from .render import TurnStats
+        from .repl import CtrlC, no_echo
+
         view = self.view.reply()
         with no_echo(), CtrlC() as ctrl_c:
             try:
@@ -342,8 +349,8 @@ def run(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from .render import Loading
-    from .repl import history_path, prompt_session
+    from .render import Loading, PlainView, RichView
+    from .repl import history_path, no_echo, prompt_session
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     err = Console(stderr=True, highlight=False)

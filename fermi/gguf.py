@@ -1,6 +1,8 @@
 """GGUF files: config, tokenizer and chat template from the metadata, and the
 tensors dequantized into one float32 safetensors file with Hugging Face names
-and layout, so the rest of fermi reads a GGUF like a model directory.
+and layout, so the rest of fermi reads a GGUF like a model directory. For a
+backend that holds quantized weights, `affine()` gives a tensor's exact integer
+form instead (see AFFINE_BITS).
 
 Parsing and dequantization are the `gguf` package's (GGUFReader, gguf.quants);
 this file only names, reshapes and caches.
@@ -14,23 +16,40 @@ import math
 import os
 import re
 import struct
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import gguf
 import numpy as np
-from gguf.quants import dequantize
+from gguf.quants import Q4_K, dequantize
 from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models
 
-from .config import ARCHITECTURES
+from .config import ARCHITECTURES, ModelConfig
 from .errors import FermiError
 from .tokenizer import Tokenizer
 
 # llama.cpp's token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+# Block types that are affine in groups of 32 along a row: w = scale * q + bias with
+# q unsigned, `bits` wide (the symmetric ones, w = d * (q - 2**(bits-1)), included).
+# They move into an affine-quantized layout exactly.
+AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+GROUP = 32
+
+
+@dataclass
+class Affine:
+    """One weight matrix as w[r, c] = scales[r, c // GROUP] * q[r, c] + biases[r, c // GROUP]."""
+
+    q: np.ndarray  # uint8 [rows, cols], each value < 2**bits
+    scales: np.ndarray  # float32 [rows, cols // GROUP]
+    biases: np.ndarray  # float32 [rows, cols // GROUP]
+    bits: int
 
 
 class _Reader(gguf.GGUFReader):
@@ -45,6 +64,51 @@ class _Reader(gguf.GGUFReader):
     def data(self, value):
         self._mmap = value  # keeps the mapping alive
         self._plain = value.view(np.ndarray)
+
+
+def cache_folder(path: Path, cache_dir: Path | None = None) -> Path:
+    """`<cache_dir>/gguf/<key>/`, where what is made from a GGUF file is kept. The
+    key changes when the file is replaced or touched, so nothing stale is reused."""
+    if cache_dir is None:
+        from .embedded import cache_dir as default_cache_dir
+
+        cache_dir = default_cache_dir()
+    stat = Path(path).stat()
+    ident = f"{Path(path).resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return Path(cache_dir) / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def describe(path: Path) -> tuple[dict, Tokenizer, str | None]:
+    """A GGUF's config dict, tokenizer and chat template. Parsing the metadata of a
+    large vocabulary takes about a second, so it is done once and kept in the cache
+    folder (summary.json); a cache that cannot be written is only slower."""
+    target = cache_folder(path) / "summary.json"
+    try:
+        s = json.loads(target.read_text(encoding="utf-8"))
+        tok = Tokenizer(HFTokenizer.from_str(s["tokenizer"]), s["eos_ids"], *s["special"])
+        return s["config"], tok, s["chat_template"]
+    except Exception:  # no cache yet, or not one fermi can read (tokenizers raises plain Exception)
+        pass
+    g = open_gguf(path)
+    ModelConfig.from_dict(g.config)  # an unsupported architecture fails here, before its tokenizer can
+    tok = g.tokenizer
+    s = {"config": g.config, "chat_template": g.chat_template, "tokenizer": tok.tok.to_str(),
+         "eos_ids": tok.eos_ids, "special": [tok.bos_token, tok.eos_token, tok.pad_token]}
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(s), encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError:
+        pass
+    return g.config, tok, g.chat_template
+
+
+def converted(path: Path, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The float32 conversion of a GGUF (GGUFModel.convert), found in the cache
+    without reading the GGUF when it was made before."""
+    target = cache_folder(path) / "model.safetensors"
+    return target if target.is_file() else open_gguf(path).convert(progress=progress)
 
 
 def open_gguf(path: str | os.PathLike) -> "GGUFModel":
@@ -88,19 +152,12 @@ class GGUFModel:
         """Every tensor dequantized to float32, with HF names, in one safetensors
         file under `<cache_dir>/gguf/<key>/`; made once, then found again by key.
         `progress(done, total)` counts bytes written."""
-        if cache_dir is None:
-            from .embedded import cache_dir as default_cache_dir
-
-            cache_dir = default_cache_dir()
-        stat = self.path.stat()
-        # The key changes when the file is replaced or touched, so a stale conversion is never reused.
-        ident = f"{self.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
-        folder = Path(cache_dir) / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:16]
+        folder = cache_folder(self.path, cache_dir)
         target = folder / "model.safetensors"
         if target.is_file():
             return target
 
-        plan = self._plan()
+        plan = self.tensors()
         head, total = _safetensors_header(plan, {"format": "pt", "source": self.path.name})
         folder.mkdir(parents=True, exist_ok=True)
         # Written under a private name, then renamed: a crash never leaves half a file as the cache.
@@ -112,7 +169,7 @@ class GGUFModel:
                 if progress:
                     progress(0, total)
                 for _, t, shape in plan:  # one tensor in memory at a time
-                    array = self._dequantize(t, shape)
+                    array = self.dequantized(t, shape)
                     f.write(array.data)
                     done += array.nbytes
                     if progress:
@@ -122,8 +179,9 @@ class GGUFModel:
             tmp.unlink(missing_ok=True)
         return target
 
-    def _plan(self) -> list[tuple[str, object, list[int]]]:
-        """(HF name, GGUF tensor, HF shape) for every tensor HF keeps, in file order."""
+    def tensors(self) -> list[tuple[str, object, list[int]]]:
+        """(HF name, GGUF tensor, HF shape) for every tensor HF keeps, in file order;
+        read one with `dequantized()` or `affine()`."""
         plan = []
         for name, t in self._tensors.items():
             try:
@@ -135,17 +193,59 @@ class GGUFModel:
                 plan.append((hf, t, [int(n) for n in reversed(t.shape)]))
         return plan
 
-    def _dequantize(self, t, shape: list[int]) -> np.ndarray:
+    def dequantized(self, t, shape: list[int]) -> np.ndarray:
+        return self._hf_layout(t, self._raw(t, shape))
+
+    def affine(self, t, shape: list[int], requantize: int | None = None) -> Affine | None:
+        """The exact integer form of a 2-D tensor of an AFFINE_BITS type. Any other
+        quantized type is rounded afresh to `requantize` bits (min-max, groups of
+        32) when that is given; float tensors, and the rest, give None."""
+        kind = t.tensor_type.name
+        bits = AFFINE_BITS.get(kind)
+        if len(shape) != 2 or shape[1] % GROUP or kind in ("F32", "F16", "BF16", "F64"):
+            return None
+        w = self._raw(t, shape).reshape(shape[0], -1, GROUP)
+        if bits:
+            blocks = t.data.reshape(-1, gguf.GGML_QUANT_SIZES[t.tensor_type][1])
+            d = _half(blocks[:, 0:2])
+            if kind.endswith("_K"):  # 8 groups per block: 6-bit scales and mins of d and dmin
+                sc, m = Q4_K.get_scale_min(blocks[:, 4:16])
+                scales, biases = d * sc, -_half(blocks[:, 2:4]) * m
+            elif kind.endswith("_1"):
+                scales, biases = d, _half(blocks[:, 2:4])
+            else:
+                scales, biases = d, d * -(2 ** (bits - 1))
+            scales, biases = (a.reshape(shape[0], -1, 1).astype(np.float32) for a in (scales, biases))
+        elif requantize:
+            bits = requantize
+            lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
+            scales, biases = (hi - lo) / (2**bits - 1), lo
+        else:
+            return None
+        safe = np.where(scales == 0, 1, scales)
+        q = np.clip(np.rint((w - biases) / safe), 0, 2**bits - 1).astype(np.uint8).reshape(shape)
+        arrays = (self._hf_layout(t, a.reshape(shape[0], -1)) for a in (q, scales, biases))
+        return Affine(*arrays, bits=bits)
+
+    def _raw(self, t, shape: list[int]) -> np.ndarray:
         try:
             array = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             kind = t.tensor_type.name
             raise FermiError(f"{self.path}: tensor '{t.name}' is {kind}, which gguf cannot dequantize") from None
-        array = np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+        return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+    def _hf_layout(self, t, array: np.ndarray) -> np.ndarray:
+        """Rows in HF's order (llama.cpp permuted llama's q/k rows); any row width."""
         if self.config["model_type"] == "llama" and re.search(r"\.attn_[qk]\.(weight|bias)$", t.name):
             kv = ".attn_k." in t.name
             array = _unpermute(array, self.config["num_key_value_heads" if kv else "num_attention_heads"])
         return np.ascontiguousarray(array)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """float16 values stored as pairs of bytes ([n, 2] uint8) -> float32 [n, 1]."""
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
 
 
 def _safetensors_header(plan, metadata: dict) -> tuple[bytes, int]:

@@ -25,6 +25,16 @@ class ModelFiles:
     generation_config: dict = field(default_factory=dict)
     gguf: Path | None = None  # the GGUF file, when the source is one
     _weights: Callable[[], list[Path]] | list[Path] = field(default_factory=list, repr=False)
+    _gguf_model: object = field(default=None, repr=False)
+
+    def gguf_model(self):
+        """The parsed GGUF (fermi.gguf.GGUFModel) of a GGUF source: its tensors as
+        they are stored, for a backend that keeps them quantized."""
+        if self._gguf_model is None:
+            from .gguf import open_gguf
+
+            self._gguf_model = open_gguf(self.gguf)
+        return self._gguf_model
 
     def weight_files(self) -> list[Path]:
         """Safetensors files (HF names and layout). For a GGUF, the dequantized
@@ -114,17 +124,19 @@ def from_dir(path: Path, name: str | None = None) -> ModelFiles:
 
 
 def from_gguf(path: Path, progress=None, name: str | None = None) -> ModelFiles:
-    from .gguf import open_gguf
+    from .gguf import converted, describe
 
-    g = open_gguf(path)
+    if not path.is_file():
+        raise FermiError(f"{path}: no such GGUF file")
+    config, tokenizer, chat_template = describe(path)
     return ModelFiles(
         name=name or path.name,
         path=path,
-        config=ModelConfig.from_dict(g.config),
-        tokenizer=g.tokenizer,
-        chat_template=g.chat_template,
+        config=ModelConfig.from_dict(config),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
         gguf=path,
-        _weights=lambda: [g.convert(progress=progress)],
+        _weights=lambda: [converted(path, progress)],
     )
 
 

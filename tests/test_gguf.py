@@ -234,6 +234,36 @@ def test_convert_second_call_is_cache_hit(smol, smol_converted):
     assert [p.name for p in path.parent.iterdir()] == ["model.safetensors"]  # no temporary left
 
 
+def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """`fermi run` on a cached model does not parse the GGUF's metadata again (a
+    second per start on a large vocabulary); replacing the file parses it anew."""
+    import fermi.gguf
+    from fermi import sources
+
+    monkeypatch.setenv("FERMI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "smol.gguf"
+    shutil.copy(smollm2_path(), path)
+    first = sources.from_gguf(path)
+
+    def parse(p):
+        raise AssertionError("parsed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(fermi.gguf, "open_gguf", parse)
+        again = sources.from_gguf(path)
+    assert (again.config, again.chat_template) == (first.config, first.chat_template)
+    t1, t2 = first.tokenizer, again.tokenizer
+    assert (t2.eos_ids, t2.bos_token, t2.eos_token, t2.pad_token) == (t1.eos_ids, t1.bos_token, t1.eos_token, t1.pad_token)
+    assert all(t2.encode(s) == t1.encode(s) for s in STRINGS)
+    assert t2.decode(t1.encode(STRINGS[60]), skip_special=True) == t1.decode(t1.encode(STRINGS[60]), skip_special=True)
+
+    path.touch()  # a new key: the stale summary is not used
+    with monkeypatch.context() as m:
+        m.setattr(fermi.gguf, "open_gguf", parse)
+        with pytest.raises(AssertionError, match="parsed again"):
+            sources.from_gguf(path)
+
+
 # ---------------------------------------------------------------- small GGUFs written here
 
 def _byte_tokens():
@@ -254,8 +284,8 @@ def write_gguf(path, arch, tensors, *, meta=(), pre="qwen2"):
     w.add_token_types([1] * 258 + [3, 3, 4])
     w.add_token_merges(["h e", "Ġ t"])
     w.add_eos_token_id(259)
-    for name, (array, qtype) in tensors.items():
-        w.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+    for name, (array, qtype) in tensors.items():  # uint8: blocks already (tiny.gguf_blocks)
+        w.add_tensor(name, array if array.dtype == np.uint8 else quantize(array, qtype), raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -333,6 +363,53 @@ def test_qwen3_gguf_names_shapes_and_config(tmp_path):
     assert tok.decode([260, 256], skip_special=True) == "<think>he"
     assert tok.eos_ids == [259, 258]
     assert tok.encode("e\u0301") == tok.encode("é")  # qwen2 pre-tokenizer: NFC first
+
+
+LLAMA_META = [
+    ("embedding_length", 256), ("feed_forward_length", 512), ("block_count", 1), ("attention.head_count", 4),
+    ("attention.head_count_kv", 2), ("context_length", 4096), ("rope.freq_base", 10000.0),
+    ("attention.layer_norm_rms_epsilon", 1e-5), ("rope.dimension_count", 64),
+]
+
+
+def test_affine_form_is_exact_for_every_block_type(tmp_path):
+    """Each quantized type as fermi hands it to a backend that keeps it quantized
+    (MLX): the GGUF's own integers and per-32 scale/bias, giving back gguf's
+    dequantization exactly, in HF's row order (llama's q/k rows permuted back);
+    Q6_K, not affine per 32, rounded afresh to 8 bits within half a step."""
+    import tiny
+    from fermi.gguf import AFFINE_BITS
+
+    rng = np.random.default_rng(0)
+    kinds = {"attn_q": T.Q4_K, "attn_k": T.Q5_K, "attn_v": T.Q6_K, "attn_output": T.Q4_0,
+             "ffn_gate": T.Q4_1, "ffn_up": T.Q5_0, "ffn_down": T.Q5_1, "output": T.Q8_0}
+    shapes = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+              "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512), "output": (261, 256)}
+    tensors = {("output" if n == "output" else f"blk.0.{n}") + ".weight": (tiny.gguf_blocks(*shapes[n], k, rng), k)
+               for n, k in kinds.items()}
+    tensors |= {"token_embd.weight": (_rand(261, 256), T.F16), "blk.0.attn_norm.weight": (_rand(256), T.F32),
+                "blk.0.ffn_norm.weight": (_rand(256), T.F32), "output_norm.weight": (_rand(256), T.F32)}
+    model = open_gguf(write_gguf(tmp_path / "llama.gguf", "llama", tensors, meta=LLAMA_META))
+    seen = set()
+    for name, t, shape in model.tensors():
+        kind = t.tensor_type.name
+        a = model.affine(t, shape, requantize=8)
+        if kind in ("F16", "F32"):
+            assert a is None
+            continue
+        seen.add(kind)
+        w = model.dequantized(t, shape)
+        assert a.q.shape == tuple(shape) and a.scales.shape == a.biases.shape == (shape[0], shape[1] // 32)
+        assert a.bits == AFFINE_BITS.get(kind, 8) and a.q.max() < 2**a.bits
+        back = np.repeat(a.scales, 32, 1) * a.q + np.repeat(a.biases, 32, 1)
+        if kind in AFFINE_BITS:
+            assert np.abs(back - w).max() <= 1e-6 * np.abs(w).max(), kind
+        else:
+            assert np.all(np.abs(back - w) <= np.repeat(a.scales, 32, 1) * 0.5001), kind
+        if kind != "Q6_K":
+            assert model.affine(t, shape) is not None
+    assert model.affine(model._tensors["blk.0.attn_v.weight"], [128, 256]) is None  # Q6_K without requantize
+    assert seen == {k.name for k in kinds.values()}
 
 
 def _header(path) -> bytes:

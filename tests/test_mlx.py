@@ -95,25 +95,32 @@ def test_quantize_on_load(tinies, bits):
 
 # ---------------------------------------------------------------- GGUF, small and synthetic
 
-GGUF_NAMES = {v: k for k, v in backend._GGUF_BLOCK.items()}
-
-
 def to_gguf_name(hf: str) -> str:
-    if hf.startswith("model.layers."):
-        _, _, n, *part, kind = hf.split(".")
-        return f"blk.{n}.{GGUF_NAMES['.'.join(part)]}.{kind}"
-    top = {v: k for k, v in backend._GGUF_TOP.items()}
+    from fermi.gguf import _LAYER, _TOP
+
     base, _, kind = hf.rpartition(".")
-    return f"{top[base]}.{kind}"
+    if base.startswith("model.layers."):
+        _, _, n, part = base.split(".", 3)
+        return f"blk.{n}.{ {v: k for k, v in _LAYER.items()}[part]}.{kind}"
+    return f"{ {v: k for k, v in _TOP.items()}[base]}.{kind}"
 
 
 def write_gguf(model: tiny.Tiny, path, types) -> ModelFiles:
     """The tiny llama as llama.cpp would write it (Q/K rows permuted for its
-    interleaved RoPE), 2-D tensors in types[i % len(types)]; returns ModelFiles whose
+    interleaved RoPE), 2-D tensors in types[i % len(types)] (K-quants as random
+    blocks: the gguf package cannot make them); returns ModelFiles whose
     weight_files() hold what gguf's own dequantizer makes of it (the expectation)."""
     cfg = model.files.config
     writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     expected = {}
+    rng = np.random.default_rng(0)
     for i, (name, p) in enumerate(model.hf.state_dict().items()):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -121,7 +128,10 @@ def write_gguf(model: tiny.Tiny, path, types) -> ModelFiles:
         n = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(name.split(".")[-2])
         g = w.reshape(n, 2, -1, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if n else w
         kind = types[i % len(types)] if w.ndim == 2 else T.F32
-        data = quantize(g, kind) if kind != T.F32 else g
+        if kind.name.endswith("_K"):
+            data = tiny.gguf_blocks(*w.shape, kind, rng)
+        else:
+            data = quantize(g, kind) if kind != T.F32 else g
         writer.add_tensor(to_gguf_name(name), data, raw_dtype=kind)
         back = dequantize(data, kind).reshape(w.shape).astype(np.float32)
         # undo the permutation: [n, half, 2] rows back to [n, 2, half]
@@ -132,27 +142,52 @@ def write_gguf(model: tiny.Tiny, path, types) -> ModelFiles:
     writer.close()
     save_file({k: np.ascontiguousarray(v) for k, v in expected.items()}, str(path) + ".safetensors")
     return ModelFiles(name=path.name, path=path, config=cfg, tokenizer=None, chat_template=None,
-                      gguf=path, _weights=lambda: [path.parent / (path.name + ".safetensors")])
+                      gguf=path, _weights=[path.parent / (path.name + ".safetensors")])
 
 
-@pytest.mark.parametrize("types, bits", [((T.Q4_0,), 4), ((T.Q4_1,), 4), ((T.Q8_0,), 8),
-                                         ((T.BF16, T.Q8_0, T.F16), None)])
-def test_gguf_loads_quantized_and_exact(tinies, tmp_path, types, bits):
-    model = tinies["llama"]  # llama: the Q/K permutation; biases; tied embeddings
+@pytest.fixture(scope="module")
+def llama256(tmp_path_factory):
+    """The tiny llama with rows of 256, the K-quants' block."""
+    return tiny.build("llama", tmp_path_factory.mktemp("tiny"), hidden_size=256, intermediate_size=512)
+
+
+# bits MLX holds each GGUF type in: the affine ones exactly, the rest rounded to 8 bits
+BITS = {T.Q4_0: 4, T.Q4_1: 4, T.Q5_0: 5, T.Q5_1: 5, T.Q8_0: 8, T.Q4_K: 4, T.Q5_K: 5, T.Q6_K: 8}
+
+
+@pytest.mark.parametrize("types", [(T.Q4_0,), (T.Q4_1,), (T.Q8_0,), (T.Q5_0, T.Q5_1, T.F16, T.BF16),
+                                   (T.Q4_K, T.Q5_K, T.Q6_K, T.F32)])
+def test_gguf_loads_quantized_and_exact(tinies, llama256, tmp_path, types, monkeypatch):
+    """Every quantized tensor stays quantized, in the bits of its type; the logits
+    are those of gguf's own dequantization, exactly (Q6_K, rounded to 8 bits,
+    within a fraction of a percent). Made once, then read from the cache."""
+    monkeypatch.setenv("FERMI_CACHE", str(tmp_path / "cache"))
+    model = llama256 if any(t.name.endswith("_K") for t in types) else tinies["llama"]
+    # llama: the Q/K permutation; biases; tied embeddings
     files = write_gguf(model, tmp_path / "tiny.gguf", types)
     quant = backend.load(files, dtype="float32")  # GGUF: quantized by default
-    # Only types MLX's reader does not get exactly (BF16 here) need the float32 conversion.
-    assert callable(files._weights) == (bits is not None)
     floats = ModelFiles(files.name, files.path, files.config, None, None, _weights=files.weight_files())
     expected = backend.load(floats, dtype="float32")  # what gguf's dequantizer makes of the file
-    layer = quant.net.model.layers[1].self_attn.k_proj
-    if bits:
-        assert isinstance(layer, nn.QuantizedLinear) and (layer.bits, layer.group_size) == (bits, 32)
-        assert quant.weight_bytes < expected.weight_bytes / 2
+    kinds = {}
+    for path, m in quant.net.named_modules():
+        if isinstance(m, (nn.Linear, nn.QuantizedLinear, nn.Embedding, nn.QuantizedEmbedding)):
+            kinds[path] = (getattr(m, "bits", None), getattr(m, "group_size", None))
+    want = {}
+    for i, (name, p) in enumerate(model.hf.state_dict().items()):  # as write_gguf counts
+        kind = types[i % len(types)]
+        if p.ndim == 2 and name != "lm_head.weight":  # tied
+            want[name.removesuffix(".weight")] = (BITS[kind], 32) if kind in BITS else (None, None)
+    assert kinds == want
+    if any(k in BITS for k in types):
+        assert quant.weight_bytes < expected.weight_bytes * 0.6  # scales and float tensors included
     ids = tokens(30, seed=2)
     got = quant.to_numpy(quant.prefill(ids, quant.new_cache(), all_logits=True))
     want = expected.to_numpy(expected.prefill(ids, expected.new_cache(), all_logits=True))
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    tol = 1e-2 if T.Q6_K in types else 1e-4
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    assert list((tmp_path / "cache" / "gguf").glob("*/mlx.safetensors"))
+    again = backend.load(files, dtype="float32")  # from the cache
+    assert np.array_equal(again.to_numpy(again.prefill(ids, again.new_cache(), all_logits=True)), got)
     deq = backend.load(files, dtype="float32", quantize=0)  # quantize=0: all dequantized
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in deq.net.named_modules())
     assert deq.weight_bytes == expected.weight_bytes
@@ -212,29 +247,82 @@ observatories in deserts and on mountains, and telescopes in space, keep adding 
 every year, and each new instrument shows something that nobody expected to find."""
 
 
-def teacher_forcing(model, reference, n: int | None):
-    """Top-1 agreement with the float32 reference over the text's positions: float16
-    (from the dequantized weights) and 4-bit (re-quantized from them, group 64).
-    SmolLM2-135M was already 4-bit (Q4_1): re-quantizing its weights adds about as
-    much noise again, and a 135M model's top-1 is fragile, so 4-bit agrees on ~2/3
-    of the positions; its choice stays within the reference's top 5 on ~90%."""
-    ids = model.tokenizer.encode(TEXT)[:n]
+CODE = '''
+def merge_sorted(a: list[int], b: list[int]) -> list[int]:
+    """Merge two sorted lists into one sorted list."""
+    i, j, out = 0, 0, []
+    while i < len(a) and j < len(b):
+        if a[i] <= b[j]:
+            out.append(a[i])
+            i += 1
+        else:
+            out.append(b[j])
+            j += 1
+    out.extend(a[i:])
+    out.extend(b[j:])
+    return out
+
+
+class Counter:
+    def __init__(self):
+        self.counts = {}
+
+    def add(self, word: str) -> None:
+        self.counts[word] = self.counts.get(word, 0) + 1
+
+    def most_common(self, n: int) -> list[tuple[str, int]]:
+        return sorted(self.counts.items(), key=lambda kv: -kv[1])[:n]
+'''
+
+
+def teacher_forcing(model, reference, n: int | None, settings=("float16", "gguf", "4-bit")) -> dict:
+    """Top-1 agreement with the float32 reference (the GGUF dequantized) over the
+    text's positions, and how often the choice is in the reference's top 5:
+    - float16: from the dequantized weights;
+    - gguf: the file's quantized weights as MLX holds them by default (its own
+      4-, 5- and 8-bit integers, see fermi.gguf.AFFINE_BITS);
+    - 4-bit: `quantize=4` on a float copy of the weights (group 64). These models
+      exist here only as 4/5-bit GGUFs, so their "float" weights were rounded
+      once already, on another grid, and rounding them again to 4 bits is the
+      worst case for it: SmolLM2-135M keeps ~2/3 of its top-1 choices,
+      Qwen2.5-0.5B ~4/5, while staying in the reference's top 5 on ~90% / ~99%."""
+    ids = model.tokenizer.encode(TEXT + CODE)[:n]
     ref = reference.to_numpy(reference.prefill(ids, reference.new_cache(), all_logits=True))
     top5 = np.argsort(-ref, axis=-1)[:, :5]
+    floats = ModelFiles(model.name, model.path, model.config, model.tokenizer, None, _weights=model.weight_files())
+    runs = {"float16": (model, dict(dtype="float16", quantize=0)), "gguf": (model, dict(dtype="float32")),
+            "4-bit": (floats, dict(dtype="float32", quantize=4))}
     results = {}
-    for name, kw in (("float16", dict(dtype="float16", quantize=0)), ("4-bit", dict(dtype="float32", quantize=4))):
-        rt = backend.load(model, **kw)
+    for name in settings:
+        source, kw = runs[name]
+        rt = backend.load(source, **kw)
         top1 = rt.to_numpy(rt.prefill(ids, rt.new_cache(), all_logits=True)).argmax(-1)
-        results[name] = ((top1 == ref.argmax(-1)).mean(), (top5 == top1[:, None]).any(-1).mean())
-    assert results["float16"][0] >= 0.95, results
-    assert results["4-bit"][0] >= 0.55 and results["4-bit"][1] >= 0.85, results
-    return len(ids)
+        results[name] = ((top1 == ref.argmax(-1)).mean(), (top5 == top1[:, None]).any(-1).mean(), len(ids))
+    return results
 
 
 def test_smollm2_half_and_4bit_under_teacher_forcing(smollm2, smollm2_f32):
-    teacher_forcing(smollm2, smollm2_f32, 64)
+    r = teacher_forcing(smollm2, smollm2_f32, 64)
+    assert r["float16"][0] >= 0.95 and r["gguf"][0] >= 0.85, r
+    assert r["4-bit"][0] >= 0.55 and r["4-bit"][1] >= 0.85, r
 
 
 @pytest.mark.slow
 def test_smollm2_half_and_4bit_under_teacher_forcing_long(smollm2, smollm2_f32):
-    assert teacher_forcing(smollm2, smollm2_f32, None) >= 250
+    r = teacher_forcing(smollm2, smollm2_f32, 320)
+    assert r["float16"][2] >= 300
+    assert r["float16"][0] >= 0.95 and r["gguf"][0] >= 0.85, r
+    assert r["4-bit"][0] >= 0.55 and r["4-bit"][1] >= 0.85, r
+
+
+@pytest.mark.slow
+def test_qwen25_quantized_under_teacher_forcing():
+    """Qwen2.5-Coder-0.5B (the Q4_K_M GGUF: Q5_0, Q4_K, Q6_K, Q8_0 tensors), 320
+    positions. (float16 is left to SmolLM2: MLX's CPU float16 kernels are slow.)"""
+    from fermi import embedded, sources
+
+    model = sources.resolve(str(embedded.qwen25_coder_path()))
+    r = teacher_forcing(model, backend.load(model, dtype="float32", quantize=0), 320, ("gguf", "4-bit"))
+    assert r["gguf"][2] >= 300
+    assert r["gguf"][0] >= 0.85, r
+    assert r["4-bit"][0] >= 0.75 and r["4-bit"][1] >= 0.95, r

@@ -58,11 +58,12 @@ class Tiny:
             return self.hf(torch.tensor([list(ids)])).logits[0].float().numpy()
 
 
-def build(arch: str, root: Path, seed: int = 0) -> Tiny:
+def build(arch: str, root: Path, seed: int = 0, **dims) -> Tiny:
+    """`dims` override COMMON's sizes (the directory is then named after them)."""
     import transformers
 
     config_name, model_name, overrides = SPECS[arch]
-    config = getattr(transformers, config_name)(**COMMON, **overrides)
+    config = getattr(transformers, config_name)(**{**COMMON, **dims}, **overrides)
     config._attn_implementation = "eager"  # the plainest reference math
     torch.manual_seed(seed)
     hf = getattr(transformers, model_name)(config).float().eval()
@@ -72,7 +73,7 @@ def build(arch: str, root: Path, seed: int = 0) -> Tiny:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn_like(p))
-    path = Path(root) / arch
+    path = Path(root) / "-".join([arch, *(f"{k}{v}" for k, v in dims.items())])
     hf.save_pretrained(path)
     return Tiny(arch, path, model_files(path), hf)
 
@@ -107,3 +108,25 @@ def to_backend(name: str, x) -> object:
 
         return mx.array(x)
     raise ValueError(name)
+
+
+def gguf_blocks(rows: int, cols: int, kind, rng: np.random.Generator) -> np.ndarray:
+    """Random but well-formed GGUF blocks of a quantized type (any bit pattern is a
+    valid block once its float16 fields hold sane numbers): the way to write the
+    K-quants, which the gguf package cannot quantize. Weights come out ~0.1."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    n = rows * cols // block
+    raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+    half = lambda lo, hi: rng.uniform(lo, hi, n).astype(np.float16).view(np.uint8).reshape(n, 2)
+    name = kind.name
+    if name == "Q6_K":  # d last, times int8 sub-scales
+        raw[:, -2:] = half(2e-5, 1e-4)
+    elif name.endswith("_K"):  # d, dmin, times 6-bit sub-scales and mins
+        raw[:, 0:2], raw[:, 2:4] = half(2e-4, 1e-3), half(0, 1e-3)
+    else:
+        raw[:, 0:2] = half(5e-3, 2e-2)
+        if name.endswith("_1"):
+            raw[:, 2:4] = half(-0.15, -0.05)
+    return raw.reshape(rows, cols // block * size)

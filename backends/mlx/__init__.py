@@ -7,24 +7,29 @@ still imports, and `available()` says why it cannot run.
 Weights:
 - safetensors (HF names): loaded and cast to the dtype; `quantize=4|8` then
   quantizes every Linear and the embedding (group size 64) in place.
-- GGUF: MLX reads the file itself and keeps Q4_0, Q4_1 and Q8_0 tensors in its
-  own quantized layout (weight/scales/biases, blocks of 32), exactly. That is what
-  MLX is good at, so a GGUF loads quantized by default. F32/F16 tensors come as
-  they are; every other type (BF16, K-quants, Q5_x) comes dequantized from the
-  float32 conversion (`weight_files()`, gguf's own dequantizer). `quantize=0`
-  asks for every weight dequantized to the dtype; `quantize=4|8` re-quantizes
-  uniformly from the dequantized weights. The dtype alone does not dequantize:
-  it sets the activations, the float weights and the scales. When MLX cannot
-  read a GGUF at all (a tensor type its reader lacks, e.g. Q5_0), the float32
-  conversion is used throughout.
+- GGUF: quantized tensors stay quantized, in MLX's affine layout (packed q,
+  scales, biases per group of 32). The block types that are affine already
+  (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K: fermi.gguf.AFFINE_BITS) move over
+  exactly, as 4, 5 or 8 bits; the others (Q6_K, Q2_K, Q3_K, ...) are rounded to
+  8 bits (min-max per group of 32: the error is a small fraction of their own
+  step). F32/F16/BF16 tensors stay float. `quantize=0` asks for every weight
+  dequantized (the float32 conversion); `quantize=4|8` quantizes only what is
+  still float, since rounding a quantized weight again only adds error. The
+  dtype sets the activations, the float weights and the scales.
+  (MLX can read a GGUF itself, but only Q4_0/Q4_1/Q8_0, whole files or not at
+  all, and mlx 0.32 decodes Q4_K wrongly: fermi reads the blocks with gguf.)
 """
 
 from __future__ import annotations
 
-import re
+import os
 from typing import Sequence
 
+import numpy as np
+
 from fermi.errors import FermiError
+from fermi.gguf import GROUP as GGUF_GROUP
+from fermi.gguf import cache_folder
 
 try:
     import mlx.core as mx
@@ -35,8 +40,7 @@ except ImportError as e:  # the module stays importable; available() reports it
 
 DTYPES = ("float16", "bfloat16", "float32")
 GROUP_SIZE = 64  # for quantize=4|8
-GGUF_BLOCK = 32  # Q4_0/Q4_1/Q8_0 as MLX reads them: groups of 32 along the input dim
-NATIVE = {"F32", "F16", "Q4_0", "Q4_1", "Q8_0"}  # GGUF types MLX's reader gets exactly right
+REQUANTIZE_BITS = 8  # for GGUF types that are not affine in groups of 32
 
 
 def available() -> str | None:
@@ -81,11 +85,10 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     cfg = model.config
     arch = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}[cfg.model_type]
 
-    tensors = _from_gguf(model, cfg) if model.gguf is not None else None
-    if tensors is not None and quantize is not None:
-        tensors = _dequantize(tensors)
-    if tensors is None:
-        tensors = {}
+    tensors = {}
+    if model.gguf is not None and quantize != 0:
+        tensors = _from_gguf(model)
+    else:
         for f in model.weight_files():
             tensors.update(mx.load(str(f)))
     tensors = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
@@ -95,7 +98,7 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
     net = arch(cfg, tied)
     # Layers that arrive quantized (GGUF) become quantized layers before loading into them.
-    nn.quantize(net, class_predicate=lambda path, m: _native_quant(tensors, path))
+    nn.quantize(net, class_predicate=lambda path, m: _arrived_quantized(tensors, path))
     dt = getattr(mx, dtype)
     try:
         net.load_weights([(k, v if v.dtype == mx.uint32 else v.astype(dt)) for k, v in tensors.items()])
@@ -109,80 +112,47 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     return MLXRuntime(net, cfg, dtype, device_name(), size)
 
 
-def _native_quant(tensors: dict, path: str) -> dict | bool:
+def _arrived_quantized(tensors: dict, path: str) -> dict | bool:
     """to_quantized's arguments for a layer whose weights came quantized, else False."""
     scales = tensors.get(f"{path}.scales")
     if scales is None:
         return False
-    bits = tensors[f"{path}.weight"].shape[-1] * 32 // (scales.shape[-1] * GGUF_BLOCK)
-    return {"group_size": GGUF_BLOCK, "bits": bits}
+    bits = tensors[f"{path}.weight"].shape[-1] * 32 // (scales.shape[-1] * GGUF_GROUP)
+    return {"group_size": GGUF_GROUP, "bits": bits}
 
 
-def _dequantize(tensors: dict) -> dict:
-    out = {}
-    for name, v in tensors.items():
-        prefix, _, kind = name.rpartition(".")
-        if kind in ("scales", "biases"):
+def _from_gguf(model) -> dict:
+    """HF-named tensors of a GGUF source: quantized ones as MLX's weight/scales/
+    biases, float ones as float32 arrays. Made once, then read from the cache
+    folder beside the float32 conversion."""
+    target = cache_folder(model.gguf) / "mlx.safetensors"
+    if target.is_file():
+        return mx.load(str(target))
+    g = model.gguf_model()
+    tensors = {}
+    for name, t, shape in g.tensors():
+        a = g.affine(t, shape, requantize=REQUANTIZE_BITS)
+        if a is None:
+            tensors[name] = mx.array(g.dequantized(t, shape))
             continue
-        q = _native_quant(tensors, prefix) if kind == "weight" else False
-        if q:
-            # float32 scales, else the result comes out in their float16
-            s, b = (tensors[f"{prefix}.{k}"].astype(mx.float32) for k in ("scales", "biases"))
-            v = mx.dequantize(v, s, b, **q)
-        out[name] = v
-    return out
-
-
-# GGUF tensor names -> HF names: the one mapping for this source format.
-_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_GGUF_BLOCK = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-
-
-def gguf_name(name: str) -> str | None:
-    """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales'; None to drop
-    (rope_freqs: the RoPE frequencies are computed from the config)."""
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(\w+)", name)
-    if m:
-        part = _GGUF_BLOCK.get(m[2])
-        return part and f"model.layers.{m[1]}.{part}.{m[3]}"
-    base, _, kind = name.rpartition(".")
-    return f"{_GGUF_TOP[base]}.{kind}" if base in _GGUF_TOP else None
-
-
-def _from_gguf(model, cfg) -> dict | None:
-    """HF-named tensors from the GGUF, quantized ones as weight/scales/biases; None
-    when MLX cannot read the file (the caller then takes the float32 conversion)."""
+        base = name.removesuffix(".weight")
+        tensors[name] = mx.array(pack(a.q, a.bits))
+        tensors[f"{base}.scales"], tensors[f"{base}.biases"] = mx.array(a.scales), mx.array(a.biases)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.safetensors")  # renamed when whole
     try:
-        raw = mx.load(str(model.gguf))
-    except Exception:  # a tensor type MLX's reader lacks (Q5_0, IQ*, ...)
-        return None
-    # MLX's reader turns every other type into float16 and gets some wrong (Q4_K in
-    # mlx 0.32): a float16 tensor that was not F16 in the file comes from the float32
-    # conversion instead, made by gguf's own dequantizer. Only then are the types
-    # read (gguf's reader takes seconds on a large vocabulary).
-    foreign = set()
-    if any(v.dtype == mx.float16 and not k.endswith((".scales", ".biases")) for k, v in raw.items()):
-        from gguf import GGUFReader
-
-        foreign = {t.name for t in GGUFReader(str(model.gguf)).tensors if t.tensor_type.name not in NATIVE}
-    tensors = {gguf_name(k): v for k, v in raw.items() if k not in foreign}
-    tensors.pop(None, None)
-    if cfg.model_type == "llama":
-        # llama.cpp permuted the Q/K rows (interleaved RoPE pairs); undo it. Quantization
-        # groups run along the input dim, so weight/scales/biases rows move together.
-        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-        for name, v in tensors.items():
-            n = heads.get(name.split(".")[-2])
-            if n:  # rows [n, 2, half] in HF became [n, half, 2] in the GGUF
-                tensors[name] = v.reshape(n, -1, 2, *v.shape[1:]).swapaxes(1, 2).reshape(v.shape)
-    if foreign:
-        converted = {}
-        for f in model.weight_files():  # HF layout: already unpermuted
-            converted.update(mx.load(str(f)))
-        tensors.update({name: converted[name] for name in map(gguf_name, foreign) if name})
+        mx.save_safetensors(str(tmp), tensors)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return tensors
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Integers [rows, cols] (each < 2**bits) into MLX's packed uint32 layout: one
+    little-endian bit stream per row, value i at bit i * bits."""
+    rows, cols = q.shape
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    eights = np.bitwise_or.reduce(q.reshape(rows, cols // 8, 8).astype(np.uint64) << shifts, axis=-1)
+    stream = eights.view(np.uint8).reshape(rows, cols // 8, 8)[..., :bits]  # 8 values in `bits` bytes
+    return np.ascontiguousarray(stream).reshape(rows, -1).view(np.uint32)
