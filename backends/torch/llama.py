@@ -18,6 +18,8 @@ from fermi.errors import FermiError
 
 from .cache import KVCache, Span
 
+SPLIT_ROWS = 8  # up to this many rows (decode steps of a batch), Linear splits its weight
+
 # ---------------------------------------------------------------- rotary embedding
 
 
@@ -106,6 +108,28 @@ def attention_mask(span: Span, device) -> tuple[torch.Tensor | None, bool]:
 # ---------------------------------------------------------------- layers
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row products (decode) use every core: on a CPU torch runs
+    a matrix-vector product on one thread, bound by one core's memory bandwidth
+    (~12 GB/s of ~33 here). With the weight's rows cut into `parts` blocks, one
+    batched matmul over the blocks runs them in parallel (see `linear`)."""
+
+    parts = 1  # set by the runtime: torch's thread count on a CPU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.parts)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
+    n, k = weight.shape
+    if parts == 1 or n % parts or x.numel() > SPLIT_ROWS * k:
+        return F.linear(x, weight, bias)
+    # [parts, n/parts, k] blocks (a view) times the rows: [parts, rows, n/parts]
+    y = torch.matmul(x.reshape(1, -1, k), weight.view(parts, n // parts, k).transpose(1, 2))
+    y = y.transpose(0, 1).reshape(*x.shape[:-1], n)
+    return y if bias is None else y + bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -125,10 +149,10 @@ class Attention(nn.Module):
         qkv_bias = config.attention_bias if qkv_bias is None else qkv_bias
         o_bias = config.attention_bias if o_bias is None else o_bias
         hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias)
+        self.q_proj = Linear(hidden, q_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden, kv_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden, kv_dim, bias=qkv_bias)
+        self.o_proj = Linear(q_dim, hidden, bias=o_bias)
 
     def qk_norm(self, q: torch.Tensor, k: torch.Tensor):
         return q, k  # qwen3 normalizes each head here
@@ -153,9 +177,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -193,7 +217,7 @@ class Model(nn.Module):
         self.config = config
         self.model = Decoder(config, attention)
         # Tied embeddings: the output projection reuses embed_tokens, no lm_head weight.
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+        self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, bias=False
         )
         self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
@@ -214,4 +238,4 @@ class Model(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, weight)
+        return linear(h, weight, parts=Linear.parts)

@@ -115,4 +115,6 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.requires_grad_(False).eval()
     model.setup(DTYPES[dtype], device)
+    # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head)
+    llama.Linear.parts = torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1
     return TorchRuntime(model, config, device, dtype)
