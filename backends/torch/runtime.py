@@ -18,6 +18,7 @@ from .sampler import TorchSampler, make_sampler
 
 ARCHITECTURES = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 PREFILL_CHUNK = 512  # long prompts go through in pieces: bounded activations and masks
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
@@ -87,11 +88,16 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
     state = {}
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for name in f.keys():
-                if name.endswith(IGNORED):
-                    continue
-                t = f.get_tensor(name)
-                state[name] = t if t.dtype == dtype else t.to(dtype)
+            names = [n for n in f.keys() if not n.endswith(IGNORED)]
+            same = all(f.get_slice(n).get_dtype() == _SAFETENSORS_DTYPE[dtype] for n in names)
+            if same:
+                state.update((n, f.get_tensor(n)) for n in names)
+        if not same:
+            # Converted one tensor at a time, the file mapped only for that tensor: a mapping
+            # held open keeps every page it touched resident (float32 beside bfloat16).
+            for n in names:
+                with safe_open(str(path), framework="pt", device=str(device)) as f:
+                    state[n] = f.get_tensor(n).to(dtype)
     if model.lm_head is None:
         state.pop("lm_head.weight", None)  # tied: the output projection is embed_tokens
     expected = set(model.state_dict().keys())
