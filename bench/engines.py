@@ -180,7 +180,8 @@ class Fermi(Adapter):
         return {
             "weight_bytes": r.weight_bytes,
             "embed_bytes": sum(b for k, b in named if "embed_tokens" in k),
-            "kv_bytes_per_pos": _kv_per_pos(self.config, DTYPE_BYTES[r.dtype]),
+            "separate_head": getattr(getattr(r, "model", None), "packed_head", None) is not None,
+            "kv_bytes_per_pos": _kv_per_pos(self.config, DTYPE_BYTES[getattr(r, "compute", r.dtype)]),
             "kv_bytes": self.kv_bytes,
         }
 
@@ -474,6 +475,7 @@ def _fermi(name, backend, dtype, quantize):
 ENGINES = {
     # fermi, each backend and dtype. dtype None = the backend's default (CPU: float32).
     "fermi-torch-f32": _fermi("fermi-torch-f32", "torch", "float32", None),
+    "fermi-torch-f16": _fermi("fermi-torch-f16", "torch", "float16", None),  # CPU: fp16 weights, fp32 math
     "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", None),
     "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),
     "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),

@@ -64,7 +64,10 @@ def derive(out: dict) -> None:
         # Per token, decode reads every weight once, except the embedding table of an
         # untied model (one row); a tied model's lm_head reads the whole table.
         context = chat + r["decode_tokens"] / 2  # the average position during decode
-        r["bytes_per_token"] = int(r["weight_bytes"] - (0 if tied else r["embed_bytes"])
+        # (An engine that holds the output projection apart from the table, as torch float16
+        # on a CPU does, reads one row of the table even when the model ties them.)
+        whole_table = tied and not r.get("separate_head")
+        r["bytes_per_token"] = int(r["weight_bytes"] - (0 if whole_table else r["embed_bytes"])
                                    + r["kv_bytes_per_pos"] * context)
         r["roofline"] = r["decode_tps"] * r["bytes_per_token"] / (gbps * 1e9) if gbps else None
         r["model_rss"] = r["peak_rss"] - r["base_rss"]

@@ -155,3 +155,23 @@ def test_torch_split_linear_equals_f_linear():
         for parts in (1, 2, 4, 5):  # 5 does not divide 96: plain F.linear
             for bias in (None, b):
                 assert torch.allclose(linear(x, w, bias, parts), F.linear(x, w, bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 2e-2), ("bfloat16", 8e-2)])
+def test_torch_half_precision_follows_reference(model, dtype, tol):
+    """torch on the CPU: float16 holds the weights in float16 (fbgemm) and computes in
+    float32; bfloat16 computes in bfloat16. Errors relative to the logit scale."""
+    import torch
+
+    rt = tiny.backend_module("torch").load(model.files, dtype=dtype)
+    full = tiny.backend_module("torch").load(model.files, dtype="float32")
+    # (float16 on the CPU: a tied embedding is held twice, as the table and as fbgemm's lm_head)
+    assert rt.dtype == dtype and rt.weight_bytes < 0.7 * full.weight_bytes
+    if dtype == "float16" and "fbgemm" in torch.backends.quantized.supported_engines:
+        assert rt.compute == "float32" and rt.model.packed_head is not None
+    ids = tokens(40, seed=5)
+    ref = model.reference(ids)[19:]
+    cache = rt.new_cache()
+    got = [rt.to_numpy(rt.prefill(ids[:20], cache))]
+    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]
+    assert np.abs(np.array(got) - ref).max() <= tol * np.abs(ref).max()

@@ -7,6 +7,7 @@ Module names match the checkpoint's weight names (model.layers.N.self_attn.q_pro
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -115,9 +116,31 @@ class Linear(nn.Linear):
     batched matmul over the blocks runs them in parallel (see `linear`)."""
 
     parts = 1  # set by the runtime: torch's thread count on a CPU
+    packed = None  # float16 weights packed for fbgemm (see pack_half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return half_linear(x, self.packed)
         return linear(x, self.weight, self.bias, self.parts)
+
+
+def pack_half(weight: torch.Tensor, bias=None):
+    """A float32 weight held in float16 by fbgemm (x86 CPUs): `half_linear` reads half
+    the bytes and multiplies in float32, so only the weights' rounding is lost."""
+    return torch.ops.quantized.linear_prepack_fp16(weight, bias)
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed blocks of a few MiB in the heap; malloc_trim returns them."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), packed)
+    return y.view(*x.shape[:-1], -1)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
@@ -221,6 +244,8 @@ class Model(nn.Module):
             config.hidden_size, config.vocab_size, bias=False
         )
         self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
+        self.packed_head = None  # the output projection, when pack_half() ran
+        self.packed_bytes = 0  # bytes of the weights pack_half() handed to fbgemm
 
     def setup(self, dtype: torch.dtype, device) -> None:
         self.rotary = Rotary(self.config, dtype, device)
@@ -230,12 +255,33 @@ class Model(nn.Module):
         (so the caller can keep only the positions it needs logits for)."""
         rope = self.rotary(span)
         mask, causal = attention_mask(span, ids.device)
-        x = self.model.embed_tokens(ids)
+        x = self.model.embed_tokens(ids).to(self.rotary.dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, rope, mask, causal, cache, i, span)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)
+        if self.packed_head is not None:
+            return half_linear(h, self.packed_head)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(h, weight, parts=Linear.parts)
+
+    def pack_half(self) -> None:
+        """Weights loaded in float16 -> every matrix product's weight packed by fbgemm,
+        the embedding table left in float16, the rest (norms) float32. Activations and
+        the KV cache are float32."""
+        emb = self.model.embed_tokens
+        head = emb.weight if self.lm_head is None else self.lm_head.weight
+        self.packed_head, self.lm_head = pack_half(head), None
+        self.packed_bytes = head.numel() * 2
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.packed = pack_half(m.weight, None if m.bias is None else m.bias.float())
+                self.packed_bytes += m.weight.numel() * 2 + (0 if m.bias is None else m.bias.numel() * 4)
+                m.register_parameter("weight", None)
+                m.register_parameter("bias", None)
+                _give_back_freed_memory()  # else the float16 copies stay resident beside the packed ones
+        for name, p in self.named_parameters():
+            if p is not emb.weight:
+                p.data = p.data.float()

@@ -26,15 +26,17 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 class TorchRuntime:
     backend = "torch"
 
-    def __init__(self, model: llama.Model, config, device: torch.device, dtype: str):
+    def __init__(self, model: llama.Model, config, device: torch.device, dtype: str, compute: str | None = None):
         self.model, self.config = model, config
         self.torch_device, self.device, self.dtype = device, str(device), dtype
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.compute = compute or dtype  # activations and KV cache (float32 under CPU float16 weights)
+        held = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.weight_bytes = held + model.packed_bytes
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
-                       max_len or c.max_position_embeddings, DTYPES[self.dtype], self.torch_device)
+                       max_len or c.max_position_embeddings, DTYPES[self.compute], self.torch_device)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache, slot: int = 0, all_logits: bool = False):
@@ -116,11 +118,18 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     if dtype not in DTYPES:
         raise FermiError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     config = model_files.config
+    # float16 on an x86 CPU: the weights are held in float16 and multiplied by fbgemm in
+    # float32 (half the bytes of float32, its prefill speed); CPU float16 arithmetic is slow.
+    half = dtype == "float16" and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+    compute = "float32" if half else dtype
     with torch.device("meta"):
         model = ARCHITECTURES[config.model_type](config)
     load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.requires_grad_(False).eval()
-    model.setup(DTYPES[dtype], device)
+    model.setup(DTYPES[compute], device)
+    if half:
+        model.pack_half()
     # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head)
-    llama.Linear.parts = torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1
-    return TorchRuntime(model, config, device, dtype)
+    llama.Linear.parts = torch.get_num_threads() if device.type == "cpu" and compute == "float32" else 1
+    return TorchRuntime(model, config, device, dtype, compute)
+
