@@ -124,13 +124,11 @@ def test_stream_greedy_follows_reference(rt, model):
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])
-def test_torch_split_linear_decode_matches_reference(model, parts, monkeypatch):
+def test_torch_split_linear_decode_matches_reference(model, parts):
     """The torch CPU decode path that cuts each weight into `parts` row blocks (one
     batched matmul, so every core reads weights) gives the reference's logits."""
-    from fermi.backends.torch import llama
-
     rt = tiny.backend_module("torch").load(model.files, dtype="float32")
-    monkeypatch.setattr(llama.Linear, "parts", parts)
+    rt.model.split(parts)
     ids = tokens(30, seed=4)
     ref = model.reference(ids)
     cache = rt.new_cache(batch=2)

@@ -115,7 +115,7 @@ class Linear(nn.Linear):
     (~12 GB/s of ~33 here). With the weight's rows cut into `parts` blocks, one
     batched matmul over the blocks runs them in parallel (see `linear`)."""
 
-    parts = 1  # set by the runtime: torch's thread count on a CPU
+    parts = 1  # set by Model.split: torch's thread count on a CPU
     packed = None  # float16 weights packed for fbgemm (see pack_half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,6 +246,7 @@ class Model(nn.Module):
         self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
         self.packed_head = None  # the output projection, when pack_half() ran
         self.packed_bytes = 0  # bytes of the weights pack_half() handed to fbgemm
+        self.parts = 1  # for the output projection, as Linear.parts (see split)
 
     def setup(self, dtype: torch.dtype, device) -> None:
         self.rotary = Rotary(self.config, dtype, device)
@@ -265,7 +266,14 @@ class Model(nn.Module):
         if self.packed_head is not None:
             return half_linear(h, self.packed_head)
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(h, weight, parts=Linear.parts)
+        return linear(h, weight, parts=self.parts)
+
+    def split(self, parts: int) -> None:
+        """Cut this model's weights into `parts` row blocks for decode (see Linear)."""
+        self.parts = parts
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.parts = parts
 
     def pack_half(self) -> None:
         """Weights loaded in float16 -> every matrix product's weight packed by fbgemm,

@@ -130,6 +130,6 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     if half:
         model.pack_half()
     # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head)
-    llama.Linear.parts = torch.get_num_threads() if device.type == "cpu" and compute == "float32" else 1
+    model.split(torch.get_num_threads() if device.type == "cpu" and compute == "float32" else 1)
     return TorchRuntime(model, config, device, dtype, compute)
 
