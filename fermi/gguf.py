@@ -16,6 +16,7 @@ import math
 import os
 import re
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -95,13 +96,24 @@ def describe(path: Path) -> tuple[dict, Tokenizer, str | None]:
     s = {"config": g.config, "chat_template": g.chat_template, "tokenizer": tok.tok.to_str(),
          "eos_ids": tok.eos_ids, "special": [tok.bos_token, tok.eos_token, tok.pad_token]}
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(s), encoding="utf-8")
-        os.replace(tmp, target)
+        with replaced(target) as tmp:
+            tmp.write_text(json.dumps(s), encoding="utf-8")
     except OSError:
         pass
     return g.config, tok, g.chat_template
+
+
+@contextmanager
+def replaced(target: Path, suffix: str = ""):
+    """A private path beside `target` to write it under, renamed onto it when the
+    block ends without an error: a crash never leaves half a file as the cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def converted(path: Path, progress: Callable[[int, int], None] | None = None) -> Path:
@@ -152,31 +164,23 @@ class GGUFModel:
         """Every tensor dequantized to float32, with HF names, in one safetensors
         file under `<cache_dir>/gguf/<key>/`; made once, then found again by key.
         `progress(done, total)` counts bytes written."""
-        folder = cache_folder(self.path, cache_dir)
-        target = folder / "model.safetensors"
+        target = cache_folder(self.path, cache_dir) / "model.safetensors"
         if target.is_file():
             return target
 
         plan = self.tensors()
         head, total = _safetensors_header(plan, {"format": "pt", "source": self.path.name})
-        folder.mkdir(parents=True, exist_ok=True)
-        # Written under a private name, then renamed: a crash never leaves half a file as the cache.
-        tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(head)
-                done = 0
+        with replaced(target) as tmp, open(tmp, "wb") as f:
+            f.write(head)
+            done = 0
+            if progress:
+                progress(0, total)
+            for _, t, shape in plan:  # one tensor in memory at a time
+                array = self.dequantized(t, shape)
+                f.write(array.data)
+                done += array.nbytes
                 if progress:
-                    progress(0, total)
-                for _, t, shape in plan:  # one tensor in memory at a time
-                    array = self.dequantized(t, shape)
-                    f.write(array.data)
-                    done += array.nbytes
-                    if progress:
-                        progress(done, total)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+                    progress(done, total)
         return target
 
     def tensors(self) -> list[tuple[str, object, list[int]]]:
@@ -202,7 +206,7 @@ class GGUFModel:
         32) when that is given; float tensors, and the rest, give None."""
         kind = t.tensor_type.name
         bits = AFFINE_BITS.get(kind)
-        if len(shape) != 2 or shape[1] % GROUP or kind in ("F32", "F16", "BF16", "F64"):
+        if len(shape) != 2 or shape[1] % GROUP or kind in ("F32", "F16", "BF16", "F64") or not (bits or requantize):
             return None
         w = self._raw(t, shape).reshape(shape[0], -1, GROUP)
         if bits:
@@ -216,12 +220,10 @@ class GGUFModel:
             else:
                 scales, biases = d, d * -(2 ** (bits - 1))
             scales, biases = (a.reshape(shape[0], -1, 1).astype(np.float32) for a in (scales, biases))
-        elif requantize:
+        else:
             bits = requantize
             lo, hi = w.min(-1, keepdims=True), w.max(-1, keepdims=True)
             scales, biases = (hi - lo) / (2**bits - 1), lo
-        else:
-            return None
         safe = np.where(scales == 0, 1, scales)
         q = np.clip(np.rint((w - biases) / safe), 0, 2**bits - 1).astype(np.uint8).reshape(shape)
         arrays = (self._hf_layout(t, a.reshape(shape[0], -1)) for a in (q, scales, biases))

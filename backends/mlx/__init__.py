@@ -22,14 +22,13 @@ Weights:
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
 from fermi.errors import FermiError
 from fermi.gguf import GROUP as GGUF_GROUP
-from fermi.gguf import cache_folder
+from fermi.gguf import cache_folder, replaced
 
 try:
     import mlx.core as mx
@@ -138,13 +137,8 @@ def _from_gguf(model) -> dict:
         base = name.removesuffix(".weight")
         tensors[name] = mx.array(pack(a.q, a.bits))
         tensors[f"{base}.scales"], tensors[f"{base}.biases"] = mx.array(a.scales), mx.array(a.biases)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp.safetensors")  # renamed when whole
-    try:
+    with replaced(target, suffix=".safetensors") as tmp:  # mx.save_safetensors adds the suffix otherwise
         mx.save_safetensors(str(tmp), tensors)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return tensors
 
 
