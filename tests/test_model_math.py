@@ -125,26 +125,37 @@ def test_stream_greedy_follows_reference(rt, model):
 
 @pytest.mark.parametrize("parts", [2, 3, 4])
 def test_torch_split_linear_decode_matches_reference(model, parts):
-    """The torch CPU decode path that cuts each weight into `parts` row blocks (one
-    batched matmul, so every core reads weights) gives the reference's logits."""
-    rt = tiny.backend_module("torch").load(model.files, dtype="float32")
-    rt.model.split(parts)
+    """The torch CPU decode path that cuts each weight into `parts` blocks (one batched
+    matmul, so every core reads weights) gives the reference's logits: with the weights
+    read in that layout at load (torch's thread count = parts), and re-split after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(parts)
+    try:
+        split_at_load = tiny.backend_module("torch").load(model.files, dtype="float32")
+    finally:
+        torch.set_num_threads(threads)
+    resplit = tiny.backend_module("torch").load(model.files, dtype="float32")
+    resplit.model.split(parts)
     ids = tokens(30, seed=4)
     ref = model.reference(ids)
-    cache = rt.new_cache(batch=2)
-    rt.prefill(ids[:20], cache, 0)
-    rt.prefill(ids[:20], cache, 1)
-    for i in range(20, 30):  # two rows per step: both slots
-        got = rt.decode([ids[i], ids[i]], cache, [0, 1])
-        close(rt, got[0], ref[i])
-        close(rt, got[1], ref[i])
+    for rt in (split_at_load, resplit):
+        assert rt.model.parts == parts and rt.model.model.layers[0].mlp.gate_up_proj.weight_t is not None
+        cache = rt.new_cache(batch=2)
+        rt.prefill(ids[:20], cache, 0)
+        rt.prefill(ids[:20], cache, 1)
+        for i in range(20, 30):  # two rows per step: both slots
+            got = rt.decode([ids[i], ids[i]], cache, [0, 1])
+            close(rt, got[0], ref[i])
+            close(rt, got[1], ref[i])
 
 
 def test_torch_split_linear_equals_f_linear():
     import torch
     import torch.nn.functional as F
 
-    from fermi.backends.torch.llama import SPLIT_ROWS, linear
+    from fermi.backends.torch.llama import SPLIT_ROWS, linear, linear_t
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
@@ -152,7 +163,27 @@ def test_torch_split_linear_equals_f_linear():
         x = torch.randn(rows, 1, 40, generator=g)
         for parts in (1, 2, 4, 5):  # 5 does not divide 96: plain F.linear
             for bias in (None, b):
-                assert torch.allclose(linear(x, w, bias, parts), F.linear(x, w, bias), atol=1e-5)
+                want = F.linear(x, w, bias)
+                assert torch.allclose(linear(x, w, bias, parts), want, atol=1e-5)
+                assert torch.allclose(linear_t(x, w.t().contiguous(), bias, parts), want, atol=1e-5)
+
+
+def test_torch_checkpoint_missing_a_projection_is_one_clear_error(model, tmp_path):
+    """q/k/v and gate/up are fused at load; a checkpoint lacking one part names it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fermi.errors import FermiError
+
+    shutil.copytree(model.path, tmp_path / "m")
+    (path,) = (tmp_path / "m").glob("*.safetensors")
+    state = load_file(path)
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    save_file(state, path)
+    with pytest.raises(FermiError, match=r"weights do not match.*missing.*layers\.1\.self_attn\.qkv_proj"
+                                         r".*unexpected.*layers\.1\.self_attn\.q_proj"):
+        tiny.backend_module("torch").load(tiny.model_files(tmp_path / "m"), dtype="float32")
 
 
 @pytest.mark.parametrize("dtype, tol", [("float16", 2e-2), ("bfloat16", 8e-2)])

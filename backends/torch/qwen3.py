@@ -4,6 +4,8 @@ hidden_size / num_attention_heads (the config's head_dim is used throughout)."""
 
 from __future__ import annotations
 
+import torch
+
 from fermi.config import ModelConfig
 
 from . import llama
@@ -15,9 +17,10 @@ class Attention(llama.Attention):
         self.q_norm = llama.RMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = llama.RMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def qk_norm(self, q, k):
-        # q, k: [batch, length, heads, head_dim]; the norm runs over head_dim.
-        return self.q_norm(q), self.k_norm(k)
+    def qk_norm(self, qk):
+        # qk: [batch, length, q heads + kv heads, head_dim]; the norm runs over head_dim.
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=2)
+        return torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
 
 
 class Model(llama.Model):

@@ -85,23 +85,19 @@ class TorchRuntime:
 
 
 def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
-    """Safetensors (memory-mapped by safe_open) into the model built on the meta
-    device; a tensor is converted only when its dtype or device differs."""
-    state = {}
-    for path in files:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            names = [n for n in f.keys() if not n.endswith(IGNORED)]
-            same = all(f.get_slice(n).get_dtype() == _SAFETENSORS_DTYPE[dtype] for n in names)
-            if same:
-                state.update((n, f.get_tensor(n)) for n in names)
-        if not same:
-            # Converted one tensor at a time, the file mapped only for that tensor: a mapping
-            # held open keeps every page it touched resident (float32 beside bfloat16).
+    """Safetensors into the model built on the meta device, through Model.sanitized.
+    Each tensor is read as its own copy with the file mapped only for it: a mapping
+    held open keeps every page it touched resident, beside the fused and transposed
+    copies. The embedding table comes first, while nothing else is held."""
+    def tensors():
+        for path in files:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
             for n in names:
                 with safe_open(str(path), framework="pt", device=str(device)) as f:
-                    state[n] = f.get_tensor(n).to(dtype)
-    if model.lm_head is None:
-        state.pop("lm_head.weight", None)  # tied: the output projection is embed_tokens
+                    yield n, f.get_tensor(n).to(dtype, copy=True)
+
+    state = model.sanitized(tensors())
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
@@ -124,12 +120,15 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     compute = "float32" if half else dtype
     with torch.device("meta"):
         model = ARCHITECTURES[config.model_type](config)
+        # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
+        # Split before loading: the weights are read in the layout it picks.
+        model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
     load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.requires_grad_(False).eval()
     model.setup(DTYPES[compute], device)
+    if dtype == "float32":
+        model.fold_norms()
     if half:
         model.pack_half()
-    # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head)
-    model.split(torch.get_num_threads() if device.type == "cpu" and compute == "float32" else 1)
     return TorchRuntime(model, config, device, dtype, compute)
 
