@@ -141,15 +141,24 @@ class Linear(nn.Linear):
 
     def split(self, parts: int) -> None:
         if parts > 1 and self.out_features > self.in_features and self.weight is not None:
-            self.weight_t = transposed(self.weight)
+            self.weight_t = nn.Parameter(transposed(self.weight), requires_grad=False)
             self.register_parameter("weight", None)
         self.parts = parts
 
 
-def transposed(weight: torch.Tensor) -> nn.Parameter:
-    """[out, in] -> [in, out] contiguous. A GEMV over the columns of this layout streams
-    memory faster than one over the rows of the other (SmolLM2's lm_head: 2.5 ms, not 5)."""
-    return nn.Parameter(weight.t().contiguous(), requires_grad=False)
+def transposed(*parts: torch.Tensor) -> torch.Tensor:
+    """[out_i, in] parts -> one [in, sum(out_i)], contiguous. A GEMV over the columns of
+    this layout streams memory faster than one over the rows of the other (SmolLM2's
+    lm_head: 2.5 ms, not 5). Copied 1024 rows at a time: the writes stay within a few
+    pages (2 GB/s here, against 1.2 for one strided copy)."""
+    out = torch.empty(parts[0].shape[1], sum(p.shape[0] for p in parts), dtype=parts[0].dtype, device=parts[0].device)
+    col = 0
+    for p in parts:
+        for a in range(0, p.shape[0], 1024):
+            block = p[a:a + 1024]
+            out[:, col + a:col + a + block.shape[0]].copy_(block.t())
+        col += p.shape[0]
+    return out
 
 
 def pack_half(weight: torch.Tensor, bias=None):
@@ -289,30 +298,32 @@ class Model(nn.Module):
     def sanitized(self, tensors) -> dict:
         """Checkpoint tensors, (name, tensor) one at a time -> this model's state dict: a
         tied lm_head dropped, the parts of each FUSED projection concatenated once all
-        are in, a weight this model holds as [in, out] (see split) transposed. Fed one
-        tensor at a time, the extra memory is one layer's projections (or the table, if
-        it comes first)."""
-        held_t = {f"{n}.weight" for n, m in self.named_modules() if isinstance(m, Linear) and m.weight_t is not None}
+        are in, a weight this model holds as [in, out] (see split) transposed. Each
+        tensor kept is made in one copy, so the caller may hand in views of a mapped
+        file; the extra memory is one layer's parts (or the table, if it comes first)."""
+        held_t = {f"{n}.weight": f"{n}.weight_t" for n, m in self.named_modules()
+                  if isinstance(m, Linear) and m.weight_t is not None}
+        if self.head_t is not None:
+            held_t["model.embed_tokens.weight"] = "head_t"
         state, pending = {}, {}
         for name, t in tensors:
             if name == "lm_head.weight" and self.lm_head is None:
                 continue
-            if name == "model.embed_tokens.weight" and self.head_t is not None:
-                name, t = "head_t", t.t().contiguous()
-            part = next(((f, p) for f, parts in FUSED.items() for p in parts if f".{p}." in name), None)
-            if part:
-                fused, p = part
+            parts = [t]
+            fused, p = next(((f, p) for f, ps in FUSED.items() for p in ps if f".{p}." in name), (None, None))
+            if fused:
                 prefix, kind = name.split(f".{p}.")  # model.layers.N, weight|bias
-                group = pending.setdefault(f"{prefix}.{fused}.{kind}", {})
-                group[name] = t
+                name = f"{prefix}.{fused}.{kind}"
+                group = pending.setdefault(name, {})
+                group[f"{prefix}.{p}.{kind}"] = t
                 if len(group) < len(FUSED[fused]):
                     continue
-                name = f"{prefix}.{fused}.{kind}"
-                t = torch.cat([group.pop(f"{prefix}.{q}.{kind}") for q in FUSED[fused]])
-                del pending[name]
-            if name in held_t:
-                name, t = f"{name}_t", t.t().contiguous()
-            state[name] = t
+                group = pending.pop(name)
+                parts = [group[f"{prefix}.{q}.{kind}"] for q in FUSED[fused]]
+            if name in held_t:  # [out, in] parts -> one [in, out]
+                state[held_t[name]] = transposed(*parts)
+            else:
+                state[name] = torch.cat(parts)  # a copy, even of one part
         for group in pending.values():  # parts without their partners: reported as unexpected
             state.update(group)
         return state
@@ -351,7 +362,7 @@ class Model(nn.Module):
         self.parts = parts
         emb = self.model.embed_tokens
         if parts > 1 and self.lm_head is None and emb.weight is not None:
-            self.head_t = transposed(emb.weight)
+            self.head_t = nn.Parameter(transposed(emb.weight), requires_grad=False)
             emb.register_parameter("weight", None)
         for m in self.modules():
             if isinstance(m, Linear):

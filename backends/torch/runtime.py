@@ -85,17 +85,18 @@ class TorchRuntime:
 
 
 def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
-    """Safetensors into the model built on the meta device, through Model.sanitized.
-    Each tensor is read as its own copy with the file mapped only for it: a mapping
-    held open keeps every page it touched resident, beside the fused and transposed
-    copies. The embedding table comes first, while nothing else is held."""
+    """Safetensors into the model built on the meta device, through Model.sanitized
+    (which copies every tensor it keeps). Each file is mapped once per tensor: a
+    mapping held open keeps every page it touched resident, so each tensor's pages
+    go when sanitized has made its copy. The embedding table comes first, while
+    nothing else is held."""
     def tensors():
         for path in files:
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
             for n in names:
                 with safe_open(str(path), framework="pt", device=str(device)) as f:
-                    yield n, f.get_tensor(n).to(dtype, copy=True)
+                    yield n, f.get_tensor(n).to(dtype)
 
     state = model.sanitized(tensors())
     expected = set(model.state_dict().keys())
