@@ -365,8 +365,9 @@ class Model(nn.Module):
         return F.linear(h, self.model.embed_tokens.weight)
 
     def split(self, parts: int) -> None:
-        """parts > 1: hold every weight as [in, out], the decode GEMVs cut into `parts`
-        column blocks (see Linear); a tied table too, the embedding reading its columns."""
+        """parts > 1: decode GEMVs cut into `parts` blocks, the wide weights held as
+        [in, out] (see Linear); a tied table too, the embedding then reading its columns.
+        Called on the meta device before loading, the weights are read in that layout."""
         self.parts = parts
         emb = self.model.embed_tokens
         if parts > 1 and self.lm_head is None and emb.weight is not None:
