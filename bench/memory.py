@@ -50,7 +50,7 @@ def bandwidth(mib: int = 1024, repeats: int = 10) -> dict:
         result["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
-    del a
+    a = None  # the numpy buffer goes now, not when the caller returns
     result["gbps"] = max(result["numpy_1thread_gbps"], result.get("torch_gbps", 0.0))
     return result
 

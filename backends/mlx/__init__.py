@@ -103,7 +103,7 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         net.load_weights([(k, v if v.dtype == mx.uint32 else v.astype(dt)) for k, v in tensors.items()])
     except ValueError as e:  # names or shapes that are not this architecture's
         raise FermiError(f"weights do not match the {cfg.model_type} architecture: {e}") from None
-    del tensors  # the modules hold what they need; float weights go once evaluated
+    tensors.clear()  # the modules hold what they need; float weights go once evaluated
     if quantize:
         fits = lambda path, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0
         nn.quantize(net, group_size=GROUP_SIZE, bits=quantize, class_predicate=fits)
