@@ -93,6 +93,28 @@ def test_quantize_on_load(tinies, bits):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama3"])  # a tied table; an lm_head of its own
+def test_quantize_tables_in_blocks_of_rows(tinies, arch, monkeypatch):
+    """A float table (the embedding, an untied lm_head) is quantized from its file a
+    block of rows at a time, never held whole in float: the same arrays as quantizing
+    it whole."""
+    monkeypatch.setattr(backend, "ROW_BLOCK", 64)  # 300 rows: four blocks and a short one
+    quantized_rows, read = backend._quantized_rows, []
+    monkeypatch.setattr(backend, "_quantized_rows", lambda files, name, *a: read.append(name) or quantized_rows(files, name, *a))
+    model = tinies[arch]
+    rt = backend.load(model.files, dtype="float32", quantize=4)
+    full = {}
+    for f in model.files.weight_files():
+        full.update(mx.load(str(f)))
+    tables = {"model.embed_tokens.weight": rt.net.model.embed_tokens}
+    if not model.hf.config.tie_word_embeddings:
+        tables["lm_head.weight"] = rt.net.lm_head
+    assert sorted(read) == sorted(tables) and len(tables) == (2 if arch == "llama3" else 1)
+    for name, m in tables.items():
+        want = mx.quantize(full[name], group_size=backend.GROUP_SIZE, bits=4)
+        assert all(mx.array_equal(got, w).item() for got, w in zip((m.weight, m.scales, m.biases), want))
+
+
 # ---------------------------------------------------------------- GGUF, small and synthetic
 
 def to_gguf_name(hf: str) -> str:

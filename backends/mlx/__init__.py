@@ -6,7 +6,9 @@ still imports, and `available()` says why it cannot run.
 
 Weights:
 - safetensors (HF names): loaded and cast to the dtype; `quantize=4|8` then
-  quantizes every Linear and the embedding (group size 64) in place.
+  quantizes every Linear and the embedding (group size 64) in place, evaluated
+  a layer at a time, the tables (embedding, lm_head) read and quantized a block
+  of rows at a time, so the float weights are never all held at once.
 - GGUF: quantized tensors stay quantized, in MLX's affine layout (packed q,
   scales, biases per group of 32). The block types that are affine already
   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K: fermi.gguf.AFFINE_BITS) move over
@@ -40,6 +42,7 @@ except ImportError as e:  # the module stays importable; available() reports it
 DTYPES = ("float16", "bfloat16", "float32")
 GROUP_SIZE = 64  # for quantize=4|8
 REQUANTIZE_BITS = 8  # for GGUF types that are not affine in groups of 32
+ROW_BLOCK = 4096  # rows of a float table quantized at a time (see _quantized_rows)
 
 
 def available() -> str | None:
@@ -107,6 +110,10 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     if quantize:
         fits = lambda path, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0
         nn.quantize(net, group_size=GROUP_SIZE, bits=quantize, class_predicate=fits)
+        if model.gguf is None:  # the tables come from the float files: quantized in blocks of rows
+            for name, m in (("model.embed_tokens.weight", net.model.embed_tokens), ("lm_head.weight", getattr(net, "lm_head", None))):
+                if isinstance(m, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
+                    m.weight, m.scales, m.biases = _quantized_rows(model.weight_files(), name, quantize, dt)
     # Evaluated a piece at a time, the table first: quantizing float weights then holds
     # one piece's floats at most, not the whole model's (SmolLM2, --quantize 4: the peak
     # over the 80 MiB held fell from 567 MiB to ~130).
@@ -115,6 +122,28 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     mx.eval(net.parameters())
     size = sum(v.nbytes for _, v in tree_flatten(net.parameters()))
     return MLXRuntime(net, cfg, dtype, device_name(), size)
+
+
+def _quantized_rows(files, name: str, bits: int, dtype) -> tuple:
+    """mx.quantize of the float tensor `name` (cast to `dtype`), a block of rows read
+    from its file at a time: quantizing a whole table holds all of it in float first
+    (SmolLM2's 113 MB, for 16 MB at 4 bits). Groups run along a row, so blocks of rows
+    quantize exactly as the whole tensor does."""
+    from safetensors import safe_open
+
+    def block(path, a=None):
+        with safe_open(str(path), framework="mlx") as f:  # mapped only for this block
+            if name in f.keys():
+                t = f.get_slice(name)
+                rows = t.get_shape()[0]
+                return rows if a is None else t[a:min(a + ROW_BLOCK, rows)]
+
+    path = next(p for p in files if block(p) is not None)
+    parts = []
+    for a in range(0, block(path), ROW_BLOCK):
+        parts.append(mx.quantize(block(path, a).astype(dtype), group_size=GROUP_SIZE, bits=bits))
+        mx.eval(parts[-1])
+    return tuple(mx.concatenate(p) for p in zip(*parts))
 
 
 def _arrived_quantized(tensors: dict, path: str) -> dict | bool:
