@@ -18,7 +18,6 @@ from .sampler import TorchSampler, make_sampler
 
 ARCHITECTURES = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 PREFILL_CHUNK = 512  # long prompts go through in pieces: bounded activations and masks
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
