@@ -12,6 +12,7 @@ import tiny
 mx = pytest.importorskip("mlx.core")
 import gguf  # noqa: E402
 import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
@@ -113,6 +114,24 @@ def test_quantize_tables_in_blocks_of_rows(tinies, arch, monkeypatch):
     for name, m in tables.items():
         want = mx.quantize(full[name], group_size=backend.GROUP_SIZE, bits=4)
         assert all(mx.array_equal(got, w).item() for got, w in zip((m.weight, m.scales, m.biases), want))
+
+
+def test_quantize_leaves_a_checkpoint_saved_quantized_alone(tinies, tmp_path):
+    """A safetensors checkpoint whose weights are already quantized (scales beside
+    them, as mlx-lm saves one; in groups of 32, the size fermi reads such layers in)
+    loads as it is under quantize=4: nothing is rounded again, the tables included."""
+    import shutil
+
+    model = tinies["llama3"]  # an lm_head of its own
+    first = backend.load(model.files, dtype="float32")
+    nn.quantize(first.net, group_size=32, bits=4)
+    shutil.copy(model.path / "config.json", tmp_path / "config.json")
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(first.net.parameters())))
+    again = backend.load(tiny.model_files(tmp_path), dtype="float32", quantize=4)
+    ids = tokens(24, seed=2)
+    got = again.to_numpy(again.prefill(ids, again.new_cache(), all_logits=True))
+    want = first.to_numpy(first.prefill(ids, first.new_cache(), all_logits=True))
+    assert np.array_equal(got, want)
 
 
 # ---------------------------------------------------------------- GGUF, small and synthetic

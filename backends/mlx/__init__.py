@@ -109,11 +109,14 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     tensors.clear()  # the modules hold what they need; float weights go once evaluated
     if quantize:
         fits = lambda path, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % GROUP_SIZE == 0
+        modules = dict(net.named_modules())
+        tables = [p for p in ("model.embed_tokens", "lm_head") if p in modules and fits(p, modules[p])]
         nn.quantize(net, group_size=GROUP_SIZE, bits=quantize, class_predicate=fits)
-        if model.gguf is None:  # the tables come from the float files: quantized in blocks of rows
-            for name, m in (("model.embed_tokens.weight", net.model.embed_tokens), ("lm_head.weight", getattr(net, "lm_head", None))):
-                if isinstance(m, (nn.QuantizedEmbedding, nn.QuantizedLinear)):
-                    m.weight, m.scales, m.biases = _quantized_rows(model.weight_files(), name, quantize, dt)
+        if model.gguf is None:  # float tables from the files: quantized in blocks of rows instead
+            modules = dict(net.named_modules())
+            for p in tables:
+                m = modules[p]
+                m.weight, m.scales, m.biases = _quantized_rows(model.weight_files(), f"{p}.weight", quantize, dt)
     # Evaluated a piece at a time, the table first: quantizing float weights then holds
     # one layer's floats at most, not the whole model's (SmolLM2, --quantize 4, with the
     # tables in row blocks: the load peaks ~94 MiB over the 80 held, 567 before).
