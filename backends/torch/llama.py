@@ -188,27 +188,33 @@ def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
     return y.view(*x.shape[:-1], -1)
 
 
+def _splits(x: torch.Tensor, k: int, n: int, parts: int) -> bool:
+    """Whether x times a k -> n weight runs as `parts` blocks: a few rows (decode), n divisible."""
+    return parts > 1 and n % parts == 0 and x.numel() <= SPLIT_ROWS * k
+
+
+def _by_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x [..., k] times blocks [parts, k, n/parts] in one batched matmul -> [..., n]."""
+    y = torch.matmul(x.reshape(1, -1, blocks.shape[1]), blocks)  # [parts, rows, n/parts]
+    return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
     """F.linear, the weight [out, in] cut into `parts` blocks of rows for a few rows of x."""
     n, k = weight.shape
-    if parts == 1 or n % parts or x.numel() > SPLIT_ROWS * k:
+    if not _splits(x, k, n, parts):
         return F.linear(x, weight, bias)
-    # [parts, n/parts, k] blocks (a view) times the rows: [parts, rows, n/parts]
-    y = torch.matmul(x.reshape(1, -1, k), weight.view(parts, n // parts, k).transpose(1, 2))
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], n)
+    y = _by_blocks(x, weight.view(parts, n // parts, k).transpose(1, 2))  # each block transposed: a view
     return y if bias is None else y + bias
 
 
 def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
     """The same with the weight held as [in, out], cut into blocks of columns."""
     k, n = weight_t.shape
-    if parts == 1 or n % parts or x.numel() > SPLIT_ROWS * k:
-        y = torch.matmul(x, weight_t)
+    if _splits(x, k, n, parts):
+        y = _by_blocks(x, weight_t.view(k, parts, n // parts).transpose(0, 1))  # [parts, k, n/parts]: a view
     else:
-        # [k, parts, n/parts] -> [parts, k, n/parts] (a view); the rows times each block
-        # -> [parts, rows, n/parts] -> [rows, n]
-        y = torch.matmul(x.reshape(1, -1, k), weight_t.view(k, parts, n // parts).transpose(0, 1))
-        y = y.transpose(0, 1).reshape(*x.shape[:-1], n)
+        y = torch.matmul(x, weight_t)
     return y if bias is None else y + bias
 
 
