@@ -123,6 +123,61 @@ def test_stream_greedy_follows_reference(rt, model):
     assert out == ref[len(prompt) - 1:-1].argmax(-1).tolist()
 
 
+
+@pytest.mark.parametrize("slots", [(0,), (1, 0), (0, 2)])
+def test_torch_graph_step_matches_reference(model, slots):
+    """The decode step a CUDA graph records (graphs.static_step: ids and positions read
+    from tensors, attention over the cache's whole capacity with the rest masked) gives
+    the reference's logits. Run eagerly here, so a CPU checks it too; on a GPU every
+    decode in this file goes through the recorded graphs."""
+    import torch
+
+    from fermi.backends.torch import graphs
+
+    rt = tiny.backend_module("torch").load(model.files, dtype="float32")
+    seqs = [tokens(n + 4, seed=20 + n) for n in (9, 15)[:len(slots)]]
+    cache = rt.new_cache(batch=3)
+    for seq, slot in zip(seqs, slots):
+        rt.prefill(seq[:-4], cache, slot)
+    device = rt.torch_device
+    with torch.inference_mode():
+        for step in range(4):
+            n = [len(seq) - 4 + step for seq in seqs]  # each row's position
+            ids = torch.tensor([[seq[p]] for seq, p in zip(seqs, n)], device=device)
+            logits = graphs.static_step(rt.model, cache, list(slots), ids, torch.tensor(n, device=device),
+                                        torch.tensor(slots, device=device))
+            for row, (seq, p) in enumerate(zip(seqs, n)):
+                close(rt, logits[row], model.reference(seq[:p + 1])[p])
+    assert cache.capacity > max(len(s) for s in seqs)  # the masked tail was read
+
+
+def test_torch_cuda_graph_decode_equals_eager(model):
+    """On a GPU, decode replays recorded graphs: the same logits as the eager step,
+    one graph per cache and set of slots, recorded again when the cache grows."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    graphed = tiny.backend_module("torch").load(model.files, dtype="bfloat16")
+    eager = tiny.backend_module("torch").load(model.files, dtype="bfloat16")
+    eager.cuda_graphs = False
+    assert graphed.cuda_graphs
+    ids = tokens(270, seed=6)
+    caches = {rt: (rt.new_cache(batch=2), rt.new_cache()) for rt in (graphed, eager)}
+    got = {}
+    for rt, (a, b) in caches.items():
+        rt.prefill(ids[:240], a, 0)
+        rt.prefill(ids[:100], a, 1)
+        rt.prefill(ids[:50], b)
+        got[rt] = [rt.to_numpy(torch.cat([rt.decode([ids[240 + i]], a, [0]), rt.decode([ids[i], ids[i]], a, [1, 0]),
+                                          rt.decode([ids[50 + i]], b, [0])]))
+                   for i in range(24)]  # a grows past 256 on the way
+    a, b = caches[graphed]
+    assert set(a.steps) == {(0,), (1, 0)} and set(b.steps) == {(0,)}
+    scale = np.abs(np.array(got[eager])).max()
+    assert np.abs(np.array(got[graphed]) - np.array(got[eager])).max() <= 2e-2 * scale
+
+
 @pytest.mark.parametrize("parts", [2, 3, 4])
 def test_torch_split_linear_decode_matches_reference(model, parts):
     """The torch CPU decode path that cuts each weight into `parts` blocks (one batched
@@ -140,7 +195,8 @@ def test_torch_split_linear_decode_matches_reference(model, parts):
     resplit.model.split(parts)
     ids = tokens(30, seed=4)
     ref = model.reference(ids)
-    for rt in (split_at_load, resplit):
+    # A GPU splits nothing at load (only the CPU's float32 decode does): there, the re-split alone.
+    for rt in (split_at_load, resplit) if split_at_load.torch_device.type == "cpu" else (resplit,):
         assert rt.model.parts == parts and rt.model.model.layers[0].mlp.gate_up_proj.weight_t is not None
         cache = rt.new_cache(batch=2)
         rt.prefill(ids[:20], cache, 0)
@@ -195,7 +251,7 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
     rt = tiny.backend_module("torch").load(model.files, dtype=dtype)
     full = tiny.backend_module("torch").load(model.files, dtype="float32")
     assert rt.dtype == dtype
-    if dtype == "float16" and "fbgemm" in torch.backends.quantized.supported_engines:
+    if dtype == "float16" and rt.torch_device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
         # fbgemm pads inputs to 512 (test_torch_half_bytes_is_what_fbgemm_holds): the
         # tiny model's 64-wide matrices take more than in float32
         assert rt.compute == "float32" and rt.model.packed_head is not None

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from fermi.backends import grown_capacity
-from fermi.errors import FermiError
-
 
 
 @dataclass
@@ -42,8 +40,6 @@ class Span:
     @classmethod
     def decode(cls, slots: list[int], positions: list[int], device) -> "Span":
         n = len(slots)
-        if len(set(slots)) != n:
-            raise FermiError(f"decode got a slot twice: {slots}")
         contiguous = slots == list(range(slots[0], slots[0] + n))
         rows = slice(slots[0], slots[0] + n) if contiguous else torch.tensor(slots, device=device)
         end = max(positions) + 1
@@ -63,6 +59,7 @@ class KVCache:
         self._dtype, self._device = dtype, device
         self.k = [self._empty(0) for _ in range(n_layers)]
         self.v = [self._empty(0) for _ in range(n_layers)]
+        self.steps: dict = {}  # decode steps recorded as CUDA graphs over these tensors (graphs.py)
 
     def _empty(self, capacity: int) -> torch.Tensor:
         b, h, _, d = self._shape
@@ -78,6 +75,7 @@ class KVCache:
         if capacity is None:
             return
         old = self.capacity
+        self.steps.clear()  # they hold the tensors replaced here
         for layer in range(len(self.k)):
             for store in (self.k, self.v):
                 grown = self._empty(capacity)

@@ -85,10 +85,13 @@ class Rotary:
         self.cos = torch.cat([cos, cos], -1).to(self.dtype)  # [size, head_dim]
         self.sin = torch.cat([-sin, sin], -1).to(self.dtype)
 
+    def reserve(self, n: int) -> None:
+        if n > self.size:
+            self._grow(n)
+
     def __call__(self, span: Span):
         """cos, sin broadcastable to [n, heads, length, head_dim]."""
-        if span.end > self.size:
-            self._grow(span.end)
+        self.reserve(span.end)
         if span.positions is None:
             return self.cos[span.start:span.end], self.sin[span.start:span.end]  # [L, D]
         n = span.positions.shape[0]

@@ -3,6 +3,7 @@ runs prefill/decode over a KVCache (see fermi.backends.Runtime for the contract)
 
 from __future__ import annotations
 
+import os
 from typing import Iterator, Sequence
 
 import torch
@@ -12,7 +13,7 @@ from fermi.backends import Sample
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
-from . import llama, qwen2, qwen3
+from . import graphs, llama, qwen2, qwen3
 from .cache import KVCache, Span
 from .sampler import TorchSampler, make_sampler
 
@@ -31,6 +32,9 @@ class TorchRuntime:
         self.compute = compute or dtype  # activations and KV cache (float32 under CPU float16 weights)
         held = sum(p.numel() * p.element_size() for p in model.parameters())
         self.weight_bytes = held + model.packed_bytes
+        # On a GPU, decode steps are recorded once as CUDA graphs and replayed
+        # (graphs.py); FERMI_CUDA_GRAPHS=0 runs them eagerly.
+        self.cuda_graphs = device.type == "cuda" and os.environ.get("FERMI_CUDA_GRAPHS", "1") != "0"
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -61,13 +65,19 @@ class TorchRuntime:
         slots = list(slots)
         if not slots or len(tokens) != len(slots):
             raise FermiError(f"decode got {len(tokens)} tokens for {len(slots)} slots")
+        if len(set(slots)) != len(slots):
+            raise FermiError(f"decode got a slot twice: {slots}")
         positions = [cache.lengths[s] for s in slots]
         cache.reserve(max(positions) + 1)
-        x = torch.tensor(list(tokens), dtype=torch.long, device=self.torch_device).view(-1, 1)
-        h = self.model(x, cache, Span.decode(slots, positions, self.torch_device))
+        if self.cuda_graphs:
+            logits = graphs.decode(self.model, cache, list(tokens), slots, positions)
+        else:
+            x = torch.tensor(list(tokens), dtype=torch.long, device=self.torch_device).view(-1, 1)
+            h = self.model(x, cache, Span.decode(slots, positions, self.torch_device))
+            logits = self.model.logits(h[:, 0]).float()  # [len(slots), vocab]
         for s in slots:
             cache.lengths[s] += 1
-        return self.model.logits(h[:, 0]).float()  # [len(slots), vocab]
+        return logits
 
     def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> TorchSampler:
         return make_sampler(params, prompt_ids)

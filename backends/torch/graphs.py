@@ -1,0 +1,88 @@
+"""Decode steps replayed as CUDA graphs.
+
+At one token a step, a small model on a GPU spends its time launching kernels
+(several hundred a step), not running them. A CUDA graph records a step's kernels
+once and replays them with one launch. What a graph reads and writes must stay at
+the same addresses and shapes, so the step it records is `static_step`: the
+token ids and positions are read from tensors (filled before each replay), and
+attention reads the cache's whole capacity, masking the positions past each
+row's own, instead of slicing it to the longest row.
+
+Each graph belongs to one cache (it holds that cache's tensors) and one set of
+slots. The cache drops its graphs when it grows (new tensors); see KVCache.steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache, Span
+
+KEEP = 8  # graphs kept per cache (sets of slots); the oldest goes first
+
+
+def static_step(model, cache: KVCache, slots: list[int], ids: torch.Tensor, positions: torch.Tensor,
+                index: torch.Tensor) -> torch.Tensor:
+    """One decode step whose shapes depend only on the slots and the cache's capacity:
+    ids [n, 1] and positions [n] are tensors. -> float32 logits [n, vocab]."""
+    n = len(slots)
+    contiguous = slots == list(range(slots[0], slots[0] + n))
+    rows = slice(slots[0], slots[0] + n) if contiguous else index
+    span = Span(rows, 0, 1, cache.capacity, positions, index)
+    return model.logits(model(ids, cache, span)[:, 0]).float()
+
+
+_streams: dict = {}
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """One stream per device for every recording: cuBLAS keeps a workspace (32 MiB on
+    recent GPUs) for each stream it runs on, for the life of the process."""
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
+
+
+class Step:
+    """A recorded step: the input tensors to fill, the graph, its output."""
+
+    def __init__(self, model, cache: KVCache, slots: list[int], tokens: list[int], positions: list[int]):
+        device = cache.k[0].device
+        self.ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=device)
+        self.index = torch.tensor(slots, dtype=torch.long, device=device)
+        run = lambda: static_step(model, cache, slots, self.ids, self.positions, self.index)  # noqa: E731
+        # Warm up on a side stream first (as PyTorch asks: library handles and
+        # workspaces are made outside the capture), then record on that stream. This
+        # run is the real step: it writes this token's keys and values, which the
+        # replay writes again.
+        side = _side_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.logits = run()
+        # The rotary tables the graph reads: kept alive should the model grow them.
+        self.tables = (model.rotary.cos, model.rotary.sin)
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        self.ids.copy_(torch.tensor(tokens).view(-1, 1), non_blocking=True)
+        self.positions.copy_(torch.tensor(positions), non_blocking=True)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites self.logits
+
+
+def decode(model, cache: KVCache, tokens: list[int], slots: list[int], positions: list[int]) -> torch.Tensor:
+    """The step for these slots, recorded on first use (cache.reserve has made room)."""
+    key = tuple(slots)
+    step = cache.steps.pop(key, None)
+    if step is None:
+        if len(cache.steps) >= KEEP:
+            cache.steps.pop(next(iter(cache.steps)))
+        # Rotary tables grown to the capacity before recording: growing replaces them.
+        model.rotary.reserve(cache.capacity)
+        step = Step(model, cache, slots, tokens, positions)
+    cache.steps[key] = step  # most recently used last
+    return step(tokens, positions)
