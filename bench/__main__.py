@@ -30,7 +30,7 @@ DEFAULT_ENGINES = "all"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .workloads import MODELS
 
-    p.add_argument("--model", choices=list(MODELS), default="smollm2", help="default: smollm2")
+    p.add_argument("--model", default="smollm2", help=f"{', '.join(MODELS)} or a model directory (default: smollm2)")
     p.add_argument("--engines", default=DEFAULT_ENGINES,
                    help="comma-separated engines and groups (%s); engines: %s; default: all"
                    % (", ".join(GROUPS), ", ".join(ENGINES)))
@@ -76,12 +76,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
 
 def run(args) -> int:
     from .memory import cores
-    from .workloads import MODELS, prepare
+    from .workloads import prepare
+    from .workloads import model as find_model
 
     command = getattr(args, "command", None) or "python -m bench"
     names = engine_list(args.engines)
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    model = MODELS[args.model]
+    model = find_model(args.model)
     say(f"bench: {model.title}; rendering the prompts")
     workload = prepare(model, args.prefill_tokens)
     settings = {"runs": args.runs, "warmup": args.warmup, "tokens": args.tokens, "loop": args.loop,
@@ -107,13 +108,13 @@ def run(args) -> int:
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": report.machine(),
         "bandwidth": bandwidth,
-        "model": {k: workload[k] for k in ("model", "title", "fermi_name", "gguf", "gguf_bytes", "config")},
+        "model": {k: workload[k] for k in ("model", "title", "fermi_name", "path", "file_bytes", "config")},
         "settings": settings,
         "results": results,
         "warm_start": warm,
     }
     report.derive(out)
-    path = args.json or HERE / "results" / f"{_dt.date.today().isoformat()}-{args.model}.json"
+    path = args.json or HERE / "results" / f"{_dt.date.today().isoformat()}-{model.key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     report.print_rich(out)

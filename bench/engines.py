@@ -38,6 +38,7 @@ class Adapter:
     peer = False
     modules: tuple[str, ...] = ()  # what must import for the engine to exist here
     install = ""  # how to get it, for the "missing" line
+    warm_full = False  # warm up on the timed decode length (not 16 tokens)
 
     def missing(self) -> str | None:
         for m in self.modules:
@@ -81,8 +82,10 @@ class Fermi(Adapter):
     family = "fermi"
     modules = ("fermi",)
 
-    def __init__(self, name: str, backend: str, dtype: str | None, quantize: int | None, loop: str = "session"):
+    def __init__(self, name: str, backend: str, dtype: str | None, quantize: int | None, loop: str = "session",
+                 graphs: bool = True):
         self.name, self.backend, self.dtype, self.quantize, self.loop = name, backend, dtype, quantize, loop
+        self.graphs = graphs  # torch on a GPU: decode steps replayed as CUDA graphs (False: eager)
         self.modules = ("fermi", backend)
         self.install = f"pip install {'mlx[cpu]' if backend == 'mlx' else backend}"
         self.engine = None
@@ -98,6 +101,7 @@ class Fermi(Adapter):
                 import torch
 
                 d["threads"] = torch.get_num_threads()
+                d["cuda_graphs"] = r.cuda_graphs
         return d
 
     def _module(self):
@@ -113,7 +117,7 @@ class Fermi(Adapter):
         from fermi import sources
 
         self._module()
-        sources.resolve(spec["gguf"]).weight_files()  # the float32 conversion, made once
+        sources.resolve(spec["path"]).weight_files()  # the float32 conversion, made once
 
     def load(self, spec: dict, cold: bool = False) -> None:
         from fermi import sources
@@ -122,12 +126,14 @@ class Fermi(Adapter):
 
         module = self._module()
         try:
-            model = sources.resolve(spec["gguf"])
+            model = sources.resolve(spec["path"])
             if self.backend == "mlx" and self.quantize:
                 # A GGUF's quantized tensors stay as they are under quantize=4|8; to
                 # compare with mlx-lm, quantize the float32 conversion, as it does.
                 model = dataclasses.replace(model, gguf=None)
             runtime = module.load(model, dtype=self.dtype, quantize=self.quantize)
+            if self.backend == "torch":
+                runtime.cuda_graphs = runtime.cuda_graphs and self.graphs
         except FermiError as e:
             if "not supported" in str(e) or "cannot run" in str(e):
                 raise Unsupported(str(e)) from None
@@ -196,20 +202,28 @@ class Fermi(Adapter):
 
 
 class Transformers(Adapter):
-    """AutoModelForCausalLM.from_pretrained(dir, gguf_file=...) in float32 (the GGUF
-    dequantized by transformers), generate(do_sample=False, min_new_tokens=n) with
-    a streamer that times each token as generate hands it out."""
+    """AutoModelForCausalLM.from_pretrained on the model directory, or on the GGUF
+    (gguf_file=..., dequantized by transformers), in `dtype` on the GPU if there is
+    one, else the CPU; generate(do_sample=False, min_new_tokens=n) with a streamer
+    that times each token as generate hands it out. `compiled`: a static KV cache,
+    with which generate compiles the forward (torch.compile, CUDA graphs on a GPU)."""
 
-    name = family = "transformers"
+    family = "transformers"
     peer = True
     modules = ("transformers", "torch", "gguf", "accelerate")
     install = "pip install transformers accelerate gguf"
+
+    def __init__(self, name: str = "transformers", dtype: str = "float32", compiled: bool = False):
+        self.name, self.dtype, self.compiled = name, dtype, compiled
+        self.warm_full = compiled  # a static cache's length is prompt + n: compiled again for each n
 
     def describe(self) -> dict:
         import torch
         import transformers
 
-        return {"dtype": "float32", "version": transformers.__version__, "threads": torch.get_num_threads(),
+        return {"dtype": self.dtype, "device": str(self.device), "version": transformers.__version__,
+                "threads": torch.get_num_threads(), "cache": "static" if self.compiled else "dynamic",
+                "compiled": getattr(getattr(self, "model", None), "_compiled_call", None) is not None,
                 "decode_loop": "generate(min_new_tokens=n) + streamer"}
 
     def load(self, spec: dict, cold: bool = False) -> None:
@@ -218,9 +232,15 @@ class Transformers(Adapter):
         from transformers import AutoModelForCausalLM
 
         transformers.logging.set_verbosity_error()
-        path = Path(spec["gguf"])
-        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        self.model.eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        path, dtype = Path(spec["path"]), getattr(torch, self.dtype)
+        if path.is_dir():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        if self.compiled:
+            self.model.generation_config.cache_implementation = "static"
         self.config = spec["config"]
         self.kv_bytes = 0
 
@@ -242,7 +262,7 @@ class Transformers(Adapter):
             def end(self):
                 pass
 
-        x = torch.tensor([list(ids)], dtype=torch.long)
+        x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
         start = clock()
         with torch.inference_mode():
             out = self.model.generate(
@@ -269,7 +289,7 @@ class Transformers(Adapter):
                 total += p.numel() * p.element_size()
         emb = self.model.get_input_embeddings().weight
         return {"weight_bytes": total, "embed_bytes": emb.numel() * emb.element_size(),
-                "kv_bytes_per_pos": _kv_per_pos(self.config, 4), "kv_bytes": self.kv_bytes}
+                "kv_bytes_per_pos": _kv_per_pos(self.config, DTYPE_BYTES[self.dtype]), "kv_bytes": self.kv_bytes}
 
 
 def _from_times(times: list[float], start: float) -> Timing:
@@ -314,7 +334,7 @@ class LlamaCpp(Adapter):
 
         self.spec = spec
         n_ctx = max(2048, len(spec["prefill"]["ids"]) + 64, len(spec["chat"]["ids"]) + 1024)
-        self.llm = Llama(model_path=spec["gguf"], n_threads=cores(), n_threads_batch=cores(), n_ctx=n_ctx,
+        self.llm = Llama(model_path=spec["path"], n_threads=cores(), n_threads_batch=cores(), n_ctx=n_ctx,
                          verbose=False)
         self.n_ctx = n_ctx
 
@@ -336,7 +356,7 @@ class LlamaCpp(Adapter):
     def figures(self) -> dict:
         from gguf import GGUFReader
 
-        tensors = GGUFReader(self.spec["gguf"]).tensors
+        tensors = GGUFReader(self.spec["path"]).tensors
         total = sum(int(t.n_bytes) for t in tensors)
         embed = sum(int(t.n_bytes) for t in tensors if t.name.startswith("token_embd."))
         per_pos = _kv_per_pos(self.spec["config"], 2)  # llama.cpp's default KV type is F16
@@ -426,19 +446,34 @@ class MlxLm(Adapter):
 def model_dir(spec: dict) -> Path:
     """A Hugging Face style directory of the GGUF's weights for mlx-lm, made once
     under fermi's cache (the safetensors file is a link to fermi's conversion)."""
-    import json
-
     from fermi import sources
     from fermi.embedded import cache_dir
-    from fermi.gguf import open_gguf
 
-    model = sources.resolve(spec["gguf"])
+    model = sources.resolve(spec["path"])
     weights = model.weight_files()[0]
     folder = cache_dir() / "bench" / "mlx-lm" / weights.parent.name
     if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
         return folder
+    write_header(spec["path"], folder)
+    link = folder / "model.safetensors"
+    tmp = folder / f".link.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(weights)
+    os.replace(tmp, link)
+    return folder
+
+
+def write_header(gguf: str, folder: Path) -> None:
+    """The GGUF's config.json, tokenizer.json and tokenizer_config.json (with the chat
+    template) in `folder`, as a Hugging Face model directory has them."""
+    import json
+
+    from fermi import sources
+    from fermi.gguf import open_gguf
+
+    model = sources.resolve(gguf)
     folder.mkdir(parents=True, exist_ok=True)
-    g = open_gguf(spec["gguf"])
+    g = open_gguf(gguf)
     config = {k: v for k, v in g.config.items() if v is not None}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     tok = model.tokenizer
@@ -446,12 +481,6 @@ def model_dir(spec: dict) -> Path:
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
             "pad_token": tok.pad_token, "chat_template": model.chat_template}
     (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tcfg.items() if v is not None}))
-    link = folder / "model.safetensors"
-    tmp = folder / f".link.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(weights)
-    os.replace(tmp, link)
-    return folder
 
 
 # ---------------------------------------------------------------- the registry
@@ -468,8 +497,9 @@ def quant_dtype() -> str:
         return "float16"
 
 
-def _fermi(name, backend, dtype, quantize):
-    return lambda loop="session": Fermi(name, backend, quant_dtype() if dtype == "quant" else dtype, quantize, loop)
+def _fermi(name, backend, dtype, quantize, graphs=True):
+    return lambda loop="session": Fermi(name, backend, quant_dtype() if dtype == "quant" else dtype, quantize, loop,
+                                        graphs)
 
 
 ENGINES = {
@@ -477,6 +507,7 @@ ENGINES = {
     "fermi-torch-f32": _fermi("fermi-torch-f32", "torch", "float32", None),
     "fermi-torch-f16": _fermi("fermi-torch-f16", "torch", "float16", None),  # CPU: fp16 weights, fp32 math
     "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", None),
+    "fermi-torch-bf16-eager": _fermi("fermi-torch-bf16-eager", "torch", "bfloat16", None, graphs=False),  # no CUDA graphs
     "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),
     "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),
     # MLX: quantize=0 dequantizes the GGUF to the dtype; 4/8 quantize the float32
@@ -489,6 +520,8 @@ ENGINES = {
     "fermi-mlx-gguf": _fermi("fermi-mlx-gguf", "mlx", "quant", None),
     # peers
     "transformers": lambda loop="session": Transformers(),
+    "transformers-bf16": lambda loop="session": Transformers("transformers-bf16", "bfloat16"),
+    "transformers-bf16-compile": lambda loop="session": Transformers("transformers-bf16-compile", "bfloat16", True),
     "llama.cpp": lambda loop="session": LlamaCpp(),
     "mlx-lm": lambda loop="session": MlxLm("mlx-lm", "float32", None),
     "mlx-lm-f16": lambda loop="session": MlxLm("mlx-lm-f16", "float16", None),
@@ -500,12 +533,17 @@ ENGINES = {
 SAME_PRECISION = {"fermi-mlx-f32": "mlx-lm", "fermi-mlx-f16": "mlx-lm-f16",
                   "fermi-mlx-q4": "mlx-lm-q4", "fermi-mlx-q8": "mlx-lm-q8"}
 
+# Engines for a GPU's figures only (on a CPU: bfloat16 is slow there and has no graphs).
+GPU_ONLY = ["fermi-torch-bf16-eager", "transformers-bf16", "transformers-bf16-compile"]
+_CPU = [e for e in ENGINES if e not in GPU_ONLY]
+
 GROUPS = {
-    "all": list(ENGINES),
-    "fermi": [e for e in ENGINES if e.startswith("fermi-")],
-    "peers": [e for e in ENGINES if not e.startswith("fermi-")],
-    "torch": [e for e in ENGINES if e.startswith("fermi-torch")] + ["transformers", "llama.cpp"],
-    "mlx": [e for e in ENGINES if e.startswith("fermi-mlx") or e.startswith("mlx-lm")],
+    "all": _CPU,
+    "fermi": [e for e in _CPU if e.startswith("fermi-")],
+    "peers": [e for e in _CPU if not e.startswith("fermi-")],
+    "torch": [e for e in _CPU if e.startswith("fermi-torch")] + ["transformers", "llama.cpp"],
+    "mlx": [e for e in _CPU if e.startswith("fermi-mlx") or e.startswith("mlx-lm")],
+    "cuda": ["fermi-torch-bf16", "fermi-torch-bf16-eager", "transformers-bf16", "transformers-bf16-compile"],
 }
 
 

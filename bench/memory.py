@@ -52,7 +52,19 @@ def bandwidth(mib: int = 1024, repeats: int = 10) -> dict:
         pass
     a = None  # the numpy buffer goes now, not when the caller returns
     result["gbps"] = max(result["numpy_1thread_gbps"], result.get("torch_gbps", 0.0))
+    if "torch_gbps" in result and torch.cuda.is_available():  # decode runs there: its memory is the roofline
+        g = torch.ones(n, device="cuda")
+        result["cuda_gbps"] = result["gbps"] = _best(lambda: g.sum().item(), g.nbytes, repeats)
+        result["cuda_device"] = torch.cuda.get_device_name()
     return result
+
+
+def gpu_peak() -> int | None:
+    """Bytes: the most GPU memory torch allocated in this process, if it used a GPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated()
 
 
 def _best(fn, nbytes: int, repeats: int) -> float:

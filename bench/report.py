@@ -70,7 +70,8 @@ def derive(out: dict) -> None:
         r["bytes_per_token"] = int(r["weight_bytes"] - (0 if whole_table else r["embed_bytes"])
                                    + r["kv_bytes_per_pos"] * context)
         r["roofline"] = r["decode_tps"] * r["bytes_per_token"] / (gbps * 1e9) if gbps else None
-        r["model_rss"] = r["peak_rss"] - r["base_rss"]
+        # On a GPU, the model's memory is what torch allocated there at most.
+        r["model_rss"] = r.get("gpu_peak") or r["peak_rss"] - r["base_rss"]
         r["mem_ratio"] = r["model_rss"] / (r["weight_bytes"] + r["kv_bytes"])
 
     ok = {r["engine"]: r for r in out["results"] if r["status"] == "ok"}
@@ -178,12 +179,14 @@ def tables(out: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]
              f"prefill: a {s['prefill_tokens']}-token prompt (prompt ÷ time to first token); "
              f"median of {s['runs']} runs after {s['warmup']} warm-up; fermi loop: {s['loop']}"]
     notes.append("load: resolve + backend load after imports (cold: fermi's cache empty, the GGUF converted again); "
-                 "ttft: on the chat prompt; model MiB: peak RSS − RSS after imports; "
+                 "ttft: on the chat prompt; model MiB: peak RSS − RSS after imports (on a GPU: the most "
+                 "GPU memory torch allocated); "
                  "mem ×: model MiB ÷ (weights + KV cache held)")
     bw = out["bandwidth"]
     if bw.get("gbps"):
-        notes.append(f"bandwidth {bw['gbps']:.1f} GB/s (best read of a {bw['buffer_mib']} MiB buffer; "
-                     f"1 thread {bw['numpy_1thread_gbps']:.1f} GB/s); "
+        where = f"{bw['cuda_device']}'s memory" if bw.get("cuda_device") else "memory"
+        notes.append(f"bandwidth {bw['gbps']:.1f} GB/s ({where}: best read of a {bw['buffer_mib']} MiB buffer; "
+                     f"CPU, 1 thread {bw['numpy_1thread_gbps']:.1f} GB/s); "
                      "roofline = decode tok/s × bytes read per token ÷ bandwidth")
     for backend, w in out.get("warm_start", {}).items():
         if w.get("status") == "ok":
@@ -197,7 +200,7 @@ def tables(out: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]
 def header(out: dict) -> list[str]:
     m = out["model"]
     return [f"$ {out['command']}", f"{out['date']} · {describe_machine(out['machine'])}",
-            f"model: {m['title']}, {m['gguf_bytes'] / MIB:.0f} MiB file"]
+            f"model: {m['title']}, {m['file_bytes'] / MIB:.0f} MiB file"]
 
 
 def print_rich(out: dict) -> None:

@@ -61,7 +61,7 @@ def main(argv: list[str]) -> dict:
                                 log=lambda m: log(f"{adapter.name}: {m}"))
         return {
             **result, "status": "ok", "load_s": load_s, **figures, **adapter.figures(),
-            "base_rss": base, "peak_rss": memory.peak_rss(), "info": adapter.describe(),
+            "base_rss": base, "peak_rss": memory.peak_rss(), "gpu_peak": memory.gpu_peak(), "info": adapter.describe(),
         }
     except Unsupported as e:
         return {**result, "status": "unsupported", "reason": str(e)}

@@ -37,7 +37,7 @@ class Model:
     key: str  # what --model takes
     title: str
     fermi_name: str  # the name `fermi run --model` knows
-    locate: Callable[[], Path]  # the GGUF file (assembled and checked once, for Qwen)
+    locate: Callable[[], Path]  # the GGUF file (assembled and checked once, for Qwen), or a model directory
 
 
 def _smollm2() -> Path:
@@ -56,6 +56,16 @@ MODELS = {
     "smollm2": Model("smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF)", "smollm2-135m", _smollm2),
     "qwen0.5b": Model("qwen0.5b", "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF)", "qwen2.5-coder-0.5b", _qwen),
 }
+
+
+def model(key: str) -> Model:
+    """One of MODELS, or a model directory (config.json, tokenizer, safetensors)."""
+    if key in MODELS:
+        return MODELS[key]
+    path = Path(key).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"bench: --model takes {', '.join(MODELS)} or a model directory; {key} is neither")
+    return Model(path.name, f"{path.name} (model directory)", str(path), lambda: path)
 
 
 def prefill_messages(render: Callable[[list], list[int]], target: int) -> list[dict]:
@@ -77,7 +87,7 @@ def prepare(model: Model, prefill_tokens: int = 400) -> dict:
     from fermi.engine import Engine
 
     path = model.locate()
-    files = sources.from_gguf(path, name=model.fermi_name)
+    files = sources.resolve(model.fermi_name)
     engine = Engine(files, runtime=None)  # the prompt side of the engine only
     render = lambda messages: engine.prompt(messages, "auto").ids  # noqa: E731
     long_messages = prefill_messages(render, prefill_tokens)
@@ -86,8 +96,8 @@ def prepare(model: Model, prefill_tokens: int = 400) -> dict:
         "model": model.key,
         "title": model.title,
         "fermi_name": model.fermi_name,
-        "gguf": str(path),
-        "gguf_bytes": path.stat().st_size,
+        "path": str(path),
+        "file_bytes": sum(f.stat().st_size for f in ([path] if path.is_file() else path.iterdir())),
         "config": {
             "model_type": c.model_type, "num_hidden_layers": c.num_hidden_layers,
             "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
@@ -132,7 +142,8 @@ def run_workloads(adapter, spec: dict, tokens: int, runs: int, warmup: int, log=
     chat, long = spec["chat"], spec["prefill"]
     for i in range(warmup):
         log(f"warm-up {i + 1}/{warmup}")
-        adapter.decode(chat["messages"], chat["ids"], min(tokens, 16))
+        # An engine that compiles for each cache length warms up on the timed length.
+        adapter.decode(chat["messages"], chat["ids"], tokens if adapter.warm_full else min(tokens, 16))
         adapter.prefill(long["messages"], long["ids"])
     decodes, prefills = [], []
     for i in range(runs):
