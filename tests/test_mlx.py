@@ -116,16 +116,24 @@ def test_quantize_tables_in_blocks_of_rows(tinies, arch, monkeypatch):
         assert all(mx.array_equal(got, w).item() for got, w in zip((m.weight, m.scales, m.biases), want))
 
 
-def test_quantize_leaves_a_checkpoint_saved_quantized_alone(tinies, tmp_path):
-    """A safetensors checkpoint whose weights are already quantized (scales beside
-    them, as mlx-lm saves one; in groups of 32, the size fermi reads such layers in)
-    loads as it is under quantize=4: nothing is rounded again, the tables included."""
-    import shutil
+@pytest.mark.parametrize("group, bits, mixed", [(32, 4, False), (64, 4, False), (64, 4, True), (32, 8, False)])
+def test_quantize_leaves_a_checkpoint_saved_quantized_alone(tinies, tmp_path, group, bits, mixed):
+    """A safetensors checkpoint whose weights are already quantized, as mlx-lm saves
+    one (scales beside them, config.json's `quantization` naming the group size, per
+    layer where a recipe mixes them) loads as it is, under quantize=4 too: nothing is
+    rounded again, the tables included."""
+    import json
 
     model = tinies["llama3"]  # an lm_head of its own
     first = backend.load(model.files, dtype="float32")
-    nn.quantize(first.net, group_size=32, bits=4)
-    shutil.copy(model.path / "config.json", tmp_path / "config.json")
+    quantization = {"group_size": group, "bits": bits}
+    if mixed:  # one layer's down_proj at 8 bits in groups of 32
+        special = "model.layers.1.mlp.down_proj"
+        quantization[special] = {"group_size": 32, "bits": 8}
+        nn.quantize(first.net, class_predicate=lambda p, m: p == special and {"group_size": 32, "bits": 8})
+    nn.quantize(first.net, group_size=group, bits=bits, class_predicate=lambda p, m: hasattr(m, "to_quantized"))
+    config = json.loads((model.path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization": quantization}))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(first.net.parameters())))
     again = backend.load(tiny.model_files(tmp_path), dtype="float32", quantize=4)
     ids = tokens(24, seed=2)

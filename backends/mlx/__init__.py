@@ -100,7 +100,8 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         tensors = {k: v for k, v in tensors.items() if not k.startswith("lm_head.")}
     net = arch(cfg, tied)
     # Layers that arrive quantized (GGUF) become quantized layers before loading into them.
-    nn.quantize(net, class_predicate=lambda path, m: _arrived_quantized(tensors, path))
+    saved = cfg.extra.get("quantization") or cfg.extra.get("quantization_config") or {}
+    nn.quantize(net, class_predicate=lambda path, m: _arrived_quantized(tensors, path, saved))
     dt = getattr(mx, dtype)
     try:
         net.load_weights([(k, v if v.dtype == mx.uint32 else v.astype(dt)) for k, v in tensors.items()])
@@ -149,13 +150,18 @@ def _quantized_rows(files, name: str, bits: int, dtype) -> tuple:
     return tuple(mx.concatenate(p) for p in zip(*parts))
 
 
-def _arrived_quantized(tensors: dict, path: str) -> dict | bool:
-    """to_quantized's arguments for a layer whose weights came quantized, else False."""
+def _arrived_quantized(tensors: dict, path: str, saved: dict) -> dict | bool:
+    """to_quantized's arguments for a layer whose weights came quantized, else False.
+    The group size is the checkpoint config's `quantization` (mlx-lm writes it: group
+    64 by default, per layer where a recipe mixes them), else GGUF's 32; the bits
+    follow from the shapes."""
     scales = tensors.get(f"{path}.scales")
     if scales is None:
         return False
-    bits = tensors[f"{path}.weight"].shape[-1] * 32 // (scales.shape[-1] * GGUF_GROUP)
-    return {"group_size": GGUF_GROUP, "bits": bits}
+    layer = saved.get(path) if isinstance(saved.get(path), dict) else saved
+    group = int(layer.get("group_size", GGUF_GROUP))
+    bits = tensors[f"{path}.weight"].shape[-1] * 32 // (scales.shape[-1] * group)
+    return {"group_size": group, "bits": bits}
 
 
 def _from_gguf(model) -> dict:
