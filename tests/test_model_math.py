@@ -265,6 +265,26 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
     assert np.abs(np.array(got) - ref).max() <= tol * np.abs(ref).max()
 
 
+def test_torch_half_head_packed_in_row_blocks_is_the_same(model, monkeypatch):
+    """CPU float16 packs the output projection a block of rows at a time (packing a
+    whole table first converts all of it to float32): the same logits as in one block."""
+    import torch
+
+    from fermi.backends.torch import llama
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("fbgemm's float16 packing: x86 CPUs only")
+    whole = tiny.backend_module("torch").load(model.files, dtype="float16")
+    if whole.torch_device.type != "cpu":
+        pytest.skip("float16 is packed by fbgemm on a CPU only")
+    monkeypatch.setattr(llama, "HEAD_ROWS", 7)
+    blocks = tiny.backend_module("torch").load(model.files, dtype="float16")
+    assert len(whole.model.packed_head) == 1 and len(blocks.model.packed_head) == -(-tiny.VOCAB // 7)
+    ids = tokens(20, seed=7)
+    got, want = (rt.to_numpy(rt.prefill(ids, rt.new_cache(), all_logits=True)) for rt in (blocks, whole))
+    assert np.array_equal(got, want)
+
+
 def test_torch_half_bytes_is_what_fbgemm_holds():
     """A float16 CPU model's weight_bytes counts fbgemm's padded blocks: the resident
     memory that packing adds, measured, at widths that pad and that do not."""

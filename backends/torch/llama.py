@@ -170,6 +170,9 @@ def pack_half(weight: torch.Tensor, bias=None):
     return torch.ops.quantized.linear_prepack_fp16(weight, bias)
 
 
+HEAD_ROWS = 32768  # rows of the output projection packed at a time (pack_half)
+
+
 def half_bytes(weight: torch.Tensor) -> int:
     """Bytes fbgemm holds for `weight` once pack_half packed it: blocks of 512 inputs by
     16 outputs, padded, so a 576-wide matrix (SmolLM2's) takes 1.78x its float16 size
@@ -307,7 +310,7 @@ class Model(nn.Module):
             config.hidden_size, config.vocab_size, bias=False
         )
         self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
-        self.packed_head = None  # the output projection, when pack_half() ran
+        self.packed_head = None  # the output projection in blocks of rows, when pack_half() ran
         self.packed_bytes = 0  # bytes of the weights pack_half() handed to fbgemm
         self.parts = 1  # for the output projection, as Linear.parts (see split)
         self.head_t = None  # a tied table as [hidden, vocab], when split
@@ -366,7 +369,7 @@ class Model(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)
         if self.packed_head is not None:
-            return half_linear(h, self.packed_head)
+            return torch.cat([half_linear(h, block) for block in self.packed_head], -1)
         if self.head_t is not None:
             return linear_t(h, self.head_t, parts=self.parts)
         if self.lm_head is not None:
@@ -405,8 +408,12 @@ class Model(nn.Module):
         the KV cache are float32."""
         emb = self.model.embed_tokens
         head = emb.weight if self.lm_head is None else self.lm_head.weight
-        self.packed_head, self.lm_head = pack_half(head), None
-        self.packed_bytes = half_bytes(head)
+        # The output projection in blocks of rows (each output is its own row's product,
+        # so the logits are the same): packing converts what it packs to float32 first,
+        # and a whole table (Qwen2.5-0.5B's, 545 MB) would peak at 1.5x the weights.
+        blocks = head.split(HEAD_ROWS)
+        self.packed_head, self.lm_head = [pack_half(b) for b in blocks], None
+        self.packed_bytes = sum(half_bytes(b) for b in blocks)
         for m in self.modules():
             if isinstance(m, Linear):
                 m.packed = pack_half(m.weight, None if m.bias is None else m.bias.float())
