@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -332,6 +331,8 @@ class LlamaCpp(Adapter):
     def load(self, spec: dict, cold: bool = False) -> None:
         from llama_cpp import Llama
 
+        if Path(spec["path"]).is_dir():
+            raise Unsupported("llama.cpp reads GGUF files; this model is a directory")
         self.spec = spec
         n_ctx = max(2048, len(spec["prefill"]["ids"]) + 64, len(spec["chat"]["ids"]) + 1024)
         self.llm = Llama(model_path=spec["path"], n_threads=cores(), n_threads_batch=cores(), n_ctx=n_ctx,
@@ -389,6 +390,8 @@ class MlxLm(Adapter):
                 "decode_loop": "generate_step"}
 
     def prepare(self, spec: dict) -> None:
+        from .modeldir import model_dir
+
         model_dir(spec)
 
     def load(self, spec: dict, cold: bool = False) -> None:
@@ -396,6 +399,8 @@ class MlxLm(Adapter):
         from mlx.utils import tree_flatten, tree_map_with_path
         from mlx_lm import load
         from mlx_lm.utils import quantize_model
+
+        from .modeldir import model_dir
 
         self.config = spec["config"]
         path = model_dir(spec)
@@ -441,46 +446,6 @@ class MlxLm(Adapter):
             "kv_bytes_per_pos": _kv_per_pos(self.config, DTYPE_BYTES["float32" if self.dtype == "float32" else "float16"]),
             "kv_bytes": self.kv_bytes,
         }
-
-
-def model_dir(spec: dict) -> Path:
-    """A Hugging Face style directory of the GGUF's weights for mlx-lm, made once
-    under fermi's cache (the safetensors file is a link to fermi's conversion)."""
-    from fermi import sources
-    from fermi.embedded import cache_dir
-
-    model = sources.resolve(spec["path"])
-    weights = model.weight_files()[0]
-    folder = cache_dir() / "bench" / "mlx-lm" / weights.parent.name
-    if (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    write_header(spec["path"], folder)
-    link = folder / "model.safetensors"
-    tmp = folder / f".link.{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(weights)
-    os.replace(tmp, link)
-    return folder
-
-
-def write_header(gguf: str, folder: Path) -> None:
-    """The GGUF's config.json, tokenizer.json and tokenizer_config.json (with the chat
-    template) in `folder`, as a Hugging Face model directory has them."""
-    import json
-
-    from fermi import sources
-    from fermi.gguf import open_gguf
-
-    model = sources.resolve(gguf)
-    folder.mkdir(parents=True, exist_ok=True)
-    g = open_gguf(gguf)
-    config = {k: v for k, v in g.config.items() if v is not None}
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    tok = model.tokenizer
-    tok.tok.save(str(folder / "tokenizer.json"))
-    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-            "pad_token": tok.pad_token, "chat_template": model.chat_template}
-    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tcfg.items() if v is not None}))
 
 
 # ---------------------------------------------------------------- the registry

@@ -65,19 +65,19 @@ def test_smoke(tmp_path, monkeypatch, capsys):
 
 
 def test_model_directory_with_random_weights(tmp_path):
-    """The way to figures where the weights cannot travel (bench/cuda.sh): bench.randomized
+    """The way to figures where the weights cannot travel (bench/cuda.sh): bench.modeldir
     writes a model directory (the GGUF's config and tokenizer, random weights of its shapes)
     and `--model DIR` runs fermi and transformers on it."""
     import importlib
 
-    randomized = importlib.import_module(harness.__package__ + ".randomized")
+    modeldir = importlib.import_module(harness.__package__ + ".modeldir")
     folder = tmp_path / "smollm2"
-    randomized.main(["header", "smollm2", str(folder)])
+    modeldir.main(["header", "smollm2", str(folder)])
     assert not list(folder.glob("*.safetensors"))
-    randomized.main(["fill", str(folder)])
+    modeldir.main(["fill", str(folder)])
     out_file = tmp_path / "bench.json"
     rc = harness.main([
-        "--model", str(folder), "--engines", "fermi-torch-f32,transformers", "--runs", "1", "--warmup", "0",
+        "--model", str(folder), "--engines", "fermi-torch-f32,transformers,llama.cpp", "--runs", "1", "--warmup", "0",
         "--tokens", "4", "--prefill-tokens", "32", "--probe-mib", "32", "--no-cold", "--no-warm-start",
         "--json", str(out_file),
     ])
@@ -88,6 +88,7 @@ def test_model_directory_with_random_weights(tmp_path):
     for name in ("fermi-torch-f32", "transformers"):
         assert results[name]["status"] == "ok", results[name]
         assert results[name]["decode_tokens"] == 4
+    assert results["llama.cpp"]["status"] in ("unsupported", "missing")  # it reads GGUF files only
     # the same weights on both sides: 135M parameters in float32 (fermi folds the norms' into the projections)
     fermi, peer = results["fermi-torch-f32"]["weight_bytes"], results["transformers"]["weight_bytes"]
     assert 0.999 * peer < fermi <= peer
