@@ -84,6 +84,10 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         raise FermiError(f"the MLX backend runs {', '.join(DTYPES)}, not '{dtype}'")
     if quantize not in (None, 0, 4, 8):
         raise FermiError(f"quantize must be 4 or 8 (bits), or 0 for none, not {quantize}")
+    if not metal_available():
+        # MLX keeps freed buffers for reuse; on the CPU that only holds memory, malloc
+        # being as fast (SmolLM2 4-bit: the same decode speed, 32 MiB less at its peak).
+        mx.set_cache_limit(0)
     cfg = model.config
     arch = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}[cfg.model_type]
 
