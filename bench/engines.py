@@ -508,7 +508,7 @@ GROUPS = {
     "peers": [e for e in _CPU if not e.startswith("fermi-")],
     "torch": [e for e in _CPU if e.startswith("fermi-torch")] + ["transformers", "llama.cpp"],
     "mlx": [e for e in _CPU if e.startswith("fermi-mlx") or e.startswith("mlx-lm")],
-    "cuda": ["fermi-torch-bf16", "fermi-torch-bf16-eager", "transformers-bf16", "transformers-bf16-compile"],
+    "cuda": ["fermi-torch-bf16", *GPU_ONLY],
 }
 
 

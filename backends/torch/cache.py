@@ -39,14 +39,19 @@ class Span:
 
     @classmethod
     def decode(cls, slots: list[int], positions: list[int], device) -> "Span":
-        n = len(slots)
-        contiguous = slots == list(range(slots[0], slots[0] + n))
-        rows = slice(slots[0], slots[0] + n) if contiguous else torch.tensor(slots, device=device)
-        end = max(positions) + 1
+        rows, end = consecutive(slots), max(positions) + 1
+        if rows is None:
+            rows = torch.tensor(slots, device=device)
         if all(p == positions[0] for p in positions):
             return cls(rows, positions[0], 1, end)
         index = torch.tensor(slots, device=device)
         return cls(rows, min(positions), 1, end, torch.tensor(positions, device=device), index)
+
+
+def consecutive(slots: list[int]) -> slice | None:
+    """The slots as a slice of the batch when they are consecutive (their rows then
+    read back as a view), else None (read through an index tensor)."""
+    return slice(slots[0], slots[0] + len(slots)) if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 class KVCache:

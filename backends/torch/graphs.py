@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .cache import KVCache, Span
+from .cache import KVCache, Span, consecutive
 
 KEEP = 8  # graphs kept per cache (sets of slots); the oldest goes first
 
@@ -25,10 +25,8 @@ def static_step(model, cache: KVCache, slots: list[int], ids: torch.Tensor, posi
                 index: torch.Tensor) -> torch.Tensor:
     """One decode step whose shapes depend only on the slots and the cache's capacity:
     ids [n, 1] and positions [n] are tensors. -> float32 logits [n, vocab]."""
-    n = len(slots)
-    contiguous = slots == list(range(slots[0], slots[0] + n))
-    rows = slice(slots[0], slots[0] + n) if contiguous else index
-    span = Span(rows, 0, 1, cache.capacity, positions, index)
+    rows = consecutive(slots)
+    span = Span(index if rows is None else rows, 0, 1, cache.capacity, positions, index)
     return model.logits(model(ids, cache, span)[:, 0]).float()
 
 
