@@ -211,17 +211,42 @@ def test_torch_split_linear_equals_f_linear():
     import torch
     import torch.nn.functional as F
 
-    from fermi.backends.torch.llama import SPLIT_ROWS, linear, linear_t
+    from fermi.backends.torch.llama import SPLIT_ROWS, linear, linear_t, weight_blocks
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
-    for rows in (1, 3, SPLIT_ROWS, SPLIT_ROWS + 1):
+    w_t = w.t().contiguous()
+    assert weight_blocks(w, 1) is None and weight_blocks(w, 5) is None  # 5 does not divide 96
+    for rows in (1, 3, SPLIT_ROWS, SPLIT_ROWS + 1):  # past SPLIT_ROWS: the plain product
         x = torch.randn(rows, 1, 40, generator=g)
-        for parts in (1, 2, 4, 5):  # 5 does not divide 96: plain F.linear
+        for parts in (2, 4, 5):
             for bias in (None, b):
                 want = F.linear(x, w, bias)
-                assert torch.allclose(linear(x, w, bias, parts), want, atol=1e-5)
-                assert torch.allclose(linear_t(x, w.t().contiguous(), bias, parts), want, atol=1e-5)
+                assert torch.allclose(linear(x, w, bias, weight_blocks(w, parts)), want, atol=1e-5)
+                assert torch.allclose(linear_t(x, w_t, bias, weight_blocks(w_t, parts, held_t=True)), want, atol=1e-5)
+
+
+def test_torch_rms_norm_on_a_cpu_equals_f_rms_norm():
+    """The CPU's RMSNorm at decode (a batched dot product per row) gives F.rms_norm's
+    result: one row, rows of a batch, 8 heads (Qwen3's per-head norm), in float32 and
+    bfloat16; past 8 rows (a prefill) it is F.rms_norm."""
+    import torch
+    import torch.nn.functional as F
+
+    from fermi.backends.torch.llama import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = torch.randn(64, generator=g)
+    norm.setup(torch.device("cpu"))
+    assert norm.eps_t is not None
+    for shape in ((1, 1, 64), (3, 1, 64), (1, 1, 8, 64), (1, 37, 64)):
+        x = torch.randn(*shape, generator=g) * 3
+        for dtype in (torch.float32, torch.bfloat16):
+            want = F.rms_norm(x.to(dtype).float(), (64,), eps=1e-6).to(dtype) * norm.weight
+            got = norm(x.to(dtype))
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.allclose(got.float(), want.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 
 
 def test_torch_checkpoint_missing_a_projection_is_one_clear_error(model, tmp_path):

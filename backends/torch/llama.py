@@ -129,6 +129,7 @@ class Linear(nn.Linear):
     which streams faster at those shapes (gate/up: 28 GB/s against 22 here)."""
 
     parts = 1  # set by Model.split: torch's thread count on a CPU
+    blocks = None  # the weight as `parts` blocks, views made once (make_blocks): see weight_blocks
     packed = None  # float16 weights packed for fbgemm (see pack_half)
 
     def __init__(self, *args, **kwargs):
@@ -139,14 +140,20 @@ class Linear(nn.Linear):
         if self.packed is not None:
             return half_linear(x, self.packed)
         if self.weight_t is not None:
-            return linear_t(x, self.weight_t, self.bias, self.parts)
-        return linear(x, self.weight, self.bias, self.parts)
+            return linear_t(x, self.weight_t, self.bias, self.blocks)
+        return linear(x, self.weight, self.bias, self.blocks)
 
     def split(self, parts: int) -> None:
         if parts > 1 and self.out_features > self.in_features and self.weight is not None:
             self.weight_t = nn.Parameter(transposed(self.weight), requires_grad=False)
             self.register_parameter("weight", None)
         self.parts = parts
+
+    def make_blocks(self) -> None:
+        """The blocks, as views of the weights held now (again once they are loaded)."""
+        held_t = self.weight_t is not None
+        weight = self.weight_t if held_t else self.weight
+        self.blocks = None if weight is None else weight_blocks(weight, self.parts, held_t)
 
 
 def transposed(*parts: torch.Tensor) -> torch.Tensor:
@@ -194,32 +201,40 @@ def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
     return y.view(*x.shape[:-1], -1)
 
 
-def _splits(x: torch.Tensor, k: int, n: int, parts: int) -> bool:
-    """Whether x times a k -> n weight runs as `parts` blocks: a few rows (decode), n divisible."""
-    return parts > 1 and n % parts == 0 and x.numel() <= SPLIT_ROWS * k
+def weight_blocks(weight: torch.Tensor, parts: int, held_t: bool = False) -> torch.Tensor | None:
+    """A weight [out, in] (or [in, out] when held_t) as `parts` blocks [parts, in,
+    out/parts], each a view: blocks of rows, or of columns of the transposed layout.
+    None when there is nothing to split (one part, or out not divisible)."""
+    n = weight.shape[1] if held_t else weight.shape[0]
+    if parts < 2 or n % parts:
+        return None
+    if held_t:
+        return weight.view(weight.shape[0], parts, n // parts).transpose(0, 1)
+    return weight.view(parts, n // parts, weight.shape[1]).transpose(1, 2)
 
 
-def _by_blocks(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """x [..., k] times blocks [parts, k, n/parts] in one batched matmul -> [..., n]."""
-    y = torch.matmul(x.reshape(1, -1, blocks.shape[1]), blocks)  # [parts, rows, n/parts]
+def _by_blocks(x: torch.Tensor, blocks: torch.Tensor | None) -> torch.Tensor | None:
+    """x [..., k] times blocks [parts, k, n/parts] in one batched matmul -> [..., n];
+    None unless x is a few rows (decode) and there are blocks."""
+    if blocks is None or x.numel() > SPLIT_ROWS * x.shape[-1]:
+        return None
+    parts, k = blocks.shape[:2]
+    y = torch.bmm(x.reshape(1, -1, k).expand(parts, -1, -1), blocks)  # [parts, rows, n/parts]
     return y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
-    """F.linear, the weight [out, in] cut into `parts` blocks of rows for a few rows of x."""
-    n, k = weight.shape
-    if not _splits(x, k, n, parts):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias=None, blocks=None) -> torch.Tensor:
+    """F.linear, through the weight's blocks (weight_blocks) for a few rows of x."""
+    y = _by_blocks(x, blocks)
+    if y is None:
         return F.linear(x, weight, bias)
-    y = _by_blocks(x, weight.view(parts, n // parts, k).transpose(1, 2))  # each block transposed: a view
     return y if bias is None else y + bias
 
 
-def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias=None, parts: int = 1) -> torch.Tensor:
-    """The same with the weight held as [in, out], cut into blocks of columns."""
-    k, n = weight_t.shape
-    if _splits(x, k, n, parts):
-        y = _by_blocks(x, weight_t.view(k, parts, n // parts).transpose(0, 1))  # [parts, k, n/parts]: a view
-    else:
+def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias=None, blocks=None) -> torch.Tensor:
+    """The same with the weight held as [in, out]."""
+    y = _by_blocks(x, blocks)
+    if y is None:
         y = torch.matmul(x, weight_t)
     return y if bias is None else y + bias
 
@@ -229,10 +244,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.eps_t = None  # on a CPU, eps as a [1, 1, 1] float32 tensor for decode (setup)
+
+    def setup(self, device) -> None:
+        if device.type == "cpu":
+            self.eps_t = torch.full((1, 1, 1), self.eps, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 then cast back before the weight, as transformers does.
-        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        d = x.shape[-1]
+        if self.eps_t is None or x.numel() > SPLIT_ROWS * d:
+            y = F.rms_norm(x.float(), (d,), eps=self.eps).to(x.dtype)
+        else:
+            # A decode step on a CPU: F.rms_norm costs ~25 us a call within one (several
+            # small kernels), a batched dot product per row, rsqrt and one product ~6
+            # (measured; for a prefill's many rows the batched products are slower).
+            rows = x.float().reshape(-1, 1, d)
+            mean_sq = torch.baddbmm(self.eps_t, rows, rows.mT, alpha=1 / d)  # eps + mean(x^2), [rows, 1, 1]
+            y = (rows * mean_sq.rsqrt_()).view(x.shape).to(x.dtype)
         return y if self.weight is None else y * self.weight  # None: folded (Model.fold_norms)
 
 
@@ -314,6 +343,7 @@ class Model(nn.Module):
         self.packed_bytes = 0  # bytes of the weights pack_half() handed to fbgemm
         self.parts = 1  # for the output projection, as Linear.parts (see split)
         self.head_t = None  # a tied table as [hidden, vocab], when split
+        self.head_blocks = None  # head_t as `parts` blocks (split_views)
 
     def sanitized(self, tensors) -> dict:
         """Checkpoint tensors, (name, tensor) one at a time -> this model's state dict: a
@@ -349,7 +379,20 @@ class Model(nn.Module):
         return state
 
     def setup(self, dtype: torch.dtype, device) -> None:
+        """Once the weights are loaded: the rotary tables, the norms' eps, the blocks."""
         self.rotary = Rotary(self.config, dtype, device)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.setup(torch.device(device))
+        self.split_views()
+
+    def split_views(self) -> None:
+        """The blocks of the weights held now (Linear.blocks, head_blocks): views, made
+        again once the weights are loaded."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.make_blocks()
+        self.head_blocks = None if self.head_t is None else weight_blocks(self.head_t, self.parts, held_t=True)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, span: Span) -> torch.Tensor:
         """ids [n, length] -> hidden states [n, length, hidden], before the final norm
@@ -371,7 +414,7 @@ class Model(nn.Module):
         if self.packed_head is not None:
             return torch.cat([half_linear(h, block) for block in self.packed_head], -1)
         if self.head_t is not None:
-            return linear_t(h, self.head_t, parts=self.parts)
+            return linear_t(h, self.head_t, blocks=self.head_blocks)
         if self.lm_head is not None:
             return self.lm_head(h)
         return F.linear(h, self.model.embed_tokens.weight)
@@ -388,6 +431,7 @@ class Model(nn.Module):
         for m in self.modules():
             if isinstance(m, Linear):
                 m.split(parts)
+        self.split_views()
 
     def fold_norms(self) -> None:
         """Each block's norm weights multiplied into the projections they feed (qkv,
