@@ -156,12 +156,25 @@ class Linear(nn.Linear):
         self.blocks = None if weight is None else weight_blocks(weight, self.parts, held_t)
 
 
-def transposed(*parts: torch.Tensor) -> torch.Tensor:
-    """[out_i, in] parts -> one [in, sum(out_i)], contiguous. A GEMV over the columns of
-    this layout streams memory faster than one over the rows of the other (SmolLM2's
-    lm_head: 2.5 ms, not 5). Copied 1024 rows at a time: the writes stay within a few
-    pages (2 GB/s here, against 1.2 for one strided copy)."""
-    out = torch.empty(parts[0].shape[1], sum(p.shape[0] for p in parts), dtype=parts[0].dtype, device=parts[0].device)
+def stacked(parts: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.cat(parts) into a new tensor of `dtype` (default: theirs): one copy, even of
+    one part, converting as it copies."""
+    first = parts[0]
+    out = torch.empty(sum(p.shape[0] for p in parts), *first.shape[1:], dtype=dtype or first.dtype, device=first.device)
+    row = 0
+    for p in parts:
+        out[row:row + p.shape[0]].copy_(p)
+        row += p.shape[0]
+    return out
+
+
+def transposed(*parts: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[out_i, in] parts -> one [in, sum(out_i)] of `dtype` (default: theirs), contiguous.
+    A GEMV over the columns of this layout streams memory faster than one over the
+    rows of the other (SmolLM2's lm_head: 2.5 ms, not 5). Copied 1024 rows at a time:
+    the writes stay within a few pages (2 GB/s here, against 1.2 for one strided copy)."""
+    first = parts[0]
+    out = torch.empty(first.shape[1], sum(p.shape[0] for p in parts), dtype=dtype or first.dtype, device=first.device)
     col = 0
     for p in parts:
         for a in range(0, p.shape[0], 1024):
@@ -188,7 +201,7 @@ def half_bytes(weight: torch.Tensor) -> int:
     return -(-k // 512) * 512 * (-(-n // 16) * 16) * 2
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """glibc keeps freed blocks of a few MiB in the heap; malloc_trim returns them."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
@@ -345,12 +358,14 @@ class Model(nn.Module):
         self.head_t = None  # a tied table as [hidden, vocab], when split
         self.head_blocks = None  # head_t as `parts` blocks (split_views)
 
-    def sanitized(self, tensors) -> dict:
+    def sanitized(self, tensors, dtype: torch.dtype | None = None) -> dict:
         """Checkpoint tensors, (name, tensor) one at a time -> this model's state dict: a
         tied lm_head dropped, the parts of each FUSED projection concatenated once all
         are in, a weight this model holds as [in, out] (see split) transposed. Each
-        tensor kept is made in one copy, so the caller may hand in views of a mapped
-        file; the extra memory is one layer's parts (or the table, if it comes first)."""
+        tensor kept is made in one copy, converted to `dtype` in it (a conversion
+        beforehand would be a second copy, whose freed memory the heap keeps), so the
+        caller may hand in views of a mapped file; the extra memory is one layer's
+        parts (or the table, if it comes first)."""
         held_t = {f"{n}.weight": f"{n}.weight_t" for n, m in self.named_modules()
                   if isinstance(m, Linear) and m.weight_t is not None}
         if self.head_t is not None:
@@ -371,9 +386,9 @@ class Model(nn.Module):
                 group = pending.pop(name)
                 parts = [group[f"{prefix}.{q}.{kind}"] for q in FUSED[fused]]
             if name in held_t:  # [out, in] parts -> one [in, out]
-                state[held_t[name]] = transposed(*parts)
+                state[held_t[name]] = transposed(*parts, dtype=dtype)
             else:
-                state[name] = torch.cat(parts)  # a copy, even of one part
+                state[name] = stacked(parts, dtype)
         for group in pending.values():  # parts without their partners: reported as unexpected
             state.update(group)
         return state
@@ -464,7 +479,7 @@ class Model(nn.Module):
                 self.packed_bytes += half_bytes(m.weight) + (0 if m.bias is None else m.bias.numel() * 4)
                 m.register_parameter("weight", None)
                 m.register_parameter("bias", None)
-                _give_back_freed_memory()  # else the float16 copies stay resident beside the packed ones
+                give_back_freed_memory()  # else the float16 copies stay resident beside the packed ones
         for name, p in self.named_parameters():
             if p is not emb.weight:
                 p.data = p.data.float()

@@ -105,9 +105,10 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
             for n in names:
                 with safe_open(str(path), framework="pt", device=str(device)) as f:
-                    yield n, f.get_tensor(n).to(dtype)
+                    yield n, f.get_tensor(n)
 
-    state = model.sanitized(tensors())
+    state = model.sanitized(tensors(), dtype)
+    llama.give_back_freed_memory()
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
