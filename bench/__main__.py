@@ -91,7 +91,7 @@ def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fermi-bench-"))
     try:
         say(f"bench: bandwidth probe ({args.probe_mib} MiB)")
-        bandwidth = _worker("probe", {"probe_mib": args.probe_mib}, tmp, args)
+        probes = [_worker("probe", {"probe_mib": args.probe_mib}, tmp, args)]
         results = []
         for i, name in enumerate(names, 1):
             say(f"bench: [{i}/{len(names)}] {name}")
@@ -100,8 +100,13 @@ def run(args) -> int:
             say(f"bench:   {r['status']}" + (f" · decode {r['decode_tps']:.1f} tok/s · prefill {r['prefill_tps']:.0f} tok/s"
                                             if r["status"] == "ok" else f" · {r.get('reason', '')}"))
         warm = _warm_start(model, results, args) if args.warm_start else {}
+        # Again at the end: on a shared machine one probe can read low (another tenant
+        # busy), which would read as decode beating its roofline. The faster one counts.
+        say("bench: bandwidth probe, again")
+        probes.append(_worker("probe", {"probe_mib": args.probe_mib}, tmp, args))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    bandwidth = {**max(probes, key=lambda p: p.get("gbps") or 0), "probes_gbps": [p.get("gbps") for p in probes]}
 
     out = {
         "command": command,

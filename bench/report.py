@@ -185,7 +185,9 @@ def tables(out: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]
     bw = out["bandwidth"]
     if bw.get("gbps"):
         where = f"{bw['cuda_device']}'s memory" if bw.get("cuda_device") else "memory"
-        notes.append(f"bandwidth {bw['gbps']:.1f} GB/s ({where}: best read of a {bw['buffer_mib']} MiB buffer; "
+        probes = " and ".join(f"{g:.1f}" for g in bw.get("probes_gbps", []) if g)
+        notes.append(f"bandwidth {bw['gbps']:.1f} GB/s ({where}: best read of a {bw['buffer_mib']} MiB buffer, "
+                     f"probed before and after the engines: {probes}; "
                      f"CPU, 1 thread {bw['numpy_1thread_gbps']:.1f} GB/s); "
                      "roofline = decode tok/s × bytes read per token ÷ bandwidth")
     for backend, w in out.get("warm_start", {}).items():

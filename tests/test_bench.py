@@ -46,6 +46,8 @@ def test_smoke(tmp_path, monkeypatch, capsys):
     results = {r["engine"]: r for r in out["results"]}
 
     assert out["bandwidth"]["gbps"] > 0
+    assert len(out["bandwidth"]["probes_gbps"]) == 2  # before and after the engines: the faster counts
+    assert out["bandwidth"]["gbps"] == max(out["bandwidth"]["probes_gbps"])
     f32 = results["fermi-torch-f32"]
     assert f32["status"] == "ok", f32
     for key in ("load_s", "ttft_s", "decode_tps", "prefill_tps", "prefill_ttft_s", "peak_rss", "weight_bytes",
