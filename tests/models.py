@@ -7,9 +7,9 @@ from fermi.engine import Engine
 
 
 @lru_cache(maxsize=None)
-def engine(backend: str, spec: str = "smollm2-135m", dtype: str = "float32") -> Engine:
+def engine(backend: str, spec: str = "smollm2-135m", dtype: str = "float32", quantize: int | None = None) -> Engine:
     model = sources.resolve(spec)
-    return Engine(model, backends.get(backend).load(model, dtype=dtype))
+    return Engine(model, backends.get(backend).load(model, dtype=dtype, quantize=quantize))
 
 
 def greedy_text(eng: Engine, messages, max_new_tokens=32, **kw):

@@ -290,6 +290,54 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
     assert np.abs(np.array(got) - ref).max() <= tol * np.abs(ref).max()
 
 
+def test_torch_int8_follows_reference(model):
+    """torch --quantize 8 on a CPU: every matrix and the embedding held as int8 rows
+    with a scale each, products in bfloat16 (torch's int8 kernel at decode, a
+    dequantized matmul at prefill). Errors relative to the logit scale."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("8-bit weights run on the CPU only")
+    rt = tiny.backend_module("torch").load(model.files, dtype="float32", quantize=8)
+    full = tiny.backend_module("torch").load(model.files, dtype="float32")
+    assert rt.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    assert rt.weight_bytes < 0.35 * full.weight_bytes  # the norms and biases stay float32
+    ids = tokens(40, seed=5)
+    ref = model.reference(ids)[19:]
+    cache = rt.new_cache()
+    got = [rt.to_numpy(rt.prefill(ids[:20], cache))]  # 20 rows: the dequantized matmul
+    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]  # one row: the int8 kernel
+    assert np.abs(np.array(got) - ref).max() <= 8e-2 * np.abs(ref).max()  # bfloat16's bound
+
+
+def test_torch_int8_rows_round_to_their_scale():
+    """int8_rows: each row on 255 levels of its own scale (bfloat16, as the kernel reads
+    it), within one step of the float weight; INT8_ROWS at a time gives the same."""
+    import torch
+
+    from fermi.backends.torch import llama
+
+    w = torch.randn(70, 33, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 70)[:, None]
+    before = w.clone()
+    q, scale = llama.int8_rows(w)
+    assert torch.equal(w, before)  # the weight (a mapped file's, at load) is only read
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and q.abs().max() == 127
+    assert ((q.float() * scale.float()[:, None] - w).abs() <= scale.float()[:, None]).all()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(llama, "INT8_ROWS", 8)
+        q8, scale8 = llama.int8_rows(w)
+    assert torch.equal(q8, q) and torch.equal(scale8, scale)
+
+
+def test_torch_quantize_other_than_8_is_one_clear_error(model):
+    from fermi.errors import FermiError
+
+    with pytest.raises(FermiError, match="4-bit weights are not supported by the torch backend"):
+        tiny.backend_module("torch").load(model.files, dtype="float32", quantize=4)
+    with pytest.raises(FermiError, match="--quantize 8 computes in float32"):
+        tiny.backend_module("torch").load(model.files, dtype="bfloat16", quantize=8)
+
+
 def test_torch_half_head_packed_in_row_blocks_is_the_same(model, monkeypatch):
     """CPU float16 packs the output projection a block of rows at a time (packing a
     whole table first converts all of it to float32): the same logits as in one block."""

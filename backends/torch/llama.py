@@ -135,8 +135,15 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_parameter("weight_t", None)  # the weight as [in, out], when split
+        self.register_parameter("weight_scale", None)  # int8 weights: a scale per row (hold_int8)
+
+    def hold_int8(self) -> None:
+        """Before loading: the weight is read as int8 rows with a scale each (Model.sanitized)."""
+        self.weight_scale = nn.Parameter(torch.empty(self.out_features, dtype=torch.bfloat16), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return int8_linear(x, self.weight, self.weight_scale, self.bias)
         if self.packed is not None:
             return half_linear(x, self.packed)
         if self.weight_t is not None:
@@ -212,6 +219,37 @@ def give_back_freed_memory() -> None:
 def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
     y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, x.shape[-1]), packed)
     return y.view(*x.shape[:-1], -1)
+
+
+INT8_ROWS = 4096  # rows quantized at a time (int8_rows): a few MiB of float32 temporaries
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (int8 [out, in], bfloat16 [out]): each row rounded to 255 levels
+    of its own scale (its largest magnitude is 127), as torch._weight_int8pack_mm
+    reads them. Quantized INT8_ROWS rows at a time: the float32 work stays small."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.bfloat16, device=w.device)
+    for a in range(0, w.shape[0], INT8_ROWS):
+        rows = w[a:a + INT8_ROWS].float()  # w itself when w is float32: not written to
+        s = rows.abs().amax(1).clamp(min=1e-12).div_(127).bfloat16()  # the scale the kernel will use
+        q[a:a + INT8_ROWS] = (rows / s.float()[:, None]).round_().clamp_(-127, 127)
+        scale[a:a + INT8_ROWS] = s
+    return q, scale
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x times int8 rows (int8_rows), in bfloat16: a few rows of x (decode) by torch's
+    int8 weight kernel, which reads the int8 bytes (its fast path takes bfloat16
+    inputs); more (a prefill) as one bfloat16 matmul of the rows dequantized.
+    Returns x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if x2.shape[0] <= SPLIT_ROWS:
+        y = torch._weight_int8pack_mm(x2, q, scale)
+    else:
+        y = F.linear(x2, q * scale[:, None])  # int8 times bfloat16: one bfloat16 temporary
+    y = y.view(*x.shape[:-1], -1).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 def weight_blocks(weight: torch.Tensor, parts: int, held_t: bool = False) -> torch.Tensor | None:
@@ -357,6 +395,7 @@ class Model(nn.Module):
         self.parts = 1  # for the output projection, as Linear.parts (see split)
         self.head_t = None  # a tied table as [hidden, vocab], when split
         self.head_blocks = None  # head_t as `parts` blocks (split_views)
+        self.embed_scale = None  # int8 embedding table: a scale per row (hold_int8)
 
     def sanitized(self, tensors, dtype: torch.dtype | None = None) -> dict:
         """Checkpoint tensors, (name, tensor) one at a time -> this model's state dict: a
@@ -370,6 +409,10 @@ class Model(nn.Module):
                   if isinstance(m, Linear) and m.weight_t is not None}
         if self.head_t is not None:
             held_t["model.embed_tokens.weight"] = "head_t"
+        int8 = {f"{n}.weight": f"{n}.weight_scale" for n, m in self.named_modules()
+                if isinstance(m, Linear) and m.weight_scale is not None}
+        if self.embed_scale is not None:
+            int8["model.embed_tokens.weight"] = "embed_scale"
         state, pending = {}, {}
         for name, t in tensors:
             if name == "lm_head.weight" and self.lm_head is None:
@@ -387,6 +430,9 @@ class Model(nn.Module):
                 parts = [group[f"{prefix}.{q}.{kind}"] for q in FUSED[fused]]
             if name in held_t:  # [out, in] parts -> one [in, out]
                 state[held_t[name]] = transposed(*parts, dtype=dtype)
+            elif name in int8:  # rows quantized one part at a time (a row's scale is its own)
+                rows = [int8_rows(p) for p in parts]
+                state[name], state[int8[name]] = rows[0] if len(rows) == 1 else map(torch.cat, zip(*rows))
             else:
                 state[name] = stacked(parts, dtype)
         for group in pending.values():  # parts without their partners: reported as unexpected
@@ -420,6 +466,8 @@ class Model(nn.Module):
         return x
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.embed_scale is not None:  # int8 rows
+            return self.model.embed_tokens(ids).float() * self.embed_scale[ids, None].float()
         if self.head_t is None:
             return self.model.embed_tokens(ids)
         return self.head_t[:, ids].movedim(0, -1)  # [hidden, n, length] -> [n, length, hidden]
@@ -432,6 +480,8 @@ class Model(nn.Module):
             return linear_t(h, self.head_t, blocks=self.head_blocks)
         if self.lm_head is not None:
             return self.lm_head(h)
+        if self.embed_scale is not None:
+            return int8_linear(h, self.model.embed_tokens.weight, self.embed_scale)
         return F.linear(h, self.model.embed_tokens.weight)
 
     def split(self, parts: int) -> None:
@@ -460,6 +510,16 @@ class Model(nn.Module):
                 else:
                     proj.weight.mul_(norm.weight)
                 norm.weight = None
+
+    def hold_int8(self) -> None:
+        """Before loading (on the meta device): every matrix, the embedding table and an
+        untied lm_head read as int8 rows with a bfloat16 scale each (int8_rows), the
+        rest as it comes. Products run through int8_linear, the embedding dequantizes
+        the rows it looks up."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.hold_int8()
+        self.embed_scale = nn.Parameter(torch.empty(self.config.vocab_size, dtype=torch.bfloat16), requires_grad=False)
 
     def pack_half(self) -> None:
         """Weights loaded in float16 -> every matrix product's weight packed by fbgemm,

@@ -120,10 +120,14 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
 
 
 def load(model_files, dtype: str | None, quantize: int | None, device: torch.device) -> TorchRuntime:
-    if quantize:
-        raise FermiError(f"{quantize}-bit quantization is not supported yet by the torch backend")
+    if quantize and quantize != 8:
+        raise FermiError(f"{quantize}-bit weights are not supported by the torch backend (--quantize 8 is, on a CPU)")
+    if quantize and device.type != "cpu":
+        raise FermiError("8-bit weights run on the CPU only in the torch backend (torch's int8 weight kernel)")
     if dtype not in DTYPES:
         raise FermiError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
+    if quantize and dtype != "float32":
+        raise FermiError(f"--quantize 8 computes in float32 on the torch backend, not {dtype}")
     config = model_files.config
     # float16 on an x86 CPU: the weights are held in float16 and multiplied by fbgemm in
     # float32 (half the bytes of float32, its prefill speed); CPU float16 arithmetic is slow.
@@ -131,13 +135,17 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     compute = "float32" if half else dtype
     with torch.device("meta"):
         model = ARCHITECTURES[config.model_type](config)
-        # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
-        # Split before loading: the weights are read in the layout it picks.
-        model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
+        if quantize:  # the matrices read as int8 rows (llama.Model.hold_int8)
+            model.hold_int8()
+        else:
+            # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
+            # Split before loading: the weights are read in the layout it picks.
+            model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
+    model.requires_grad_(False)  # before loading: int8 tensors cannot require gradients
     load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
-    model.requires_grad_(False).eval()
+    model.eval()
     model.setup(DTYPES[compute], device)
-    if dtype == "float32":
+    if dtype == "float32" and not quantize:
         model.fold_norms()
     if half:
         model.pack_half()
