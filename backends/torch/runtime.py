@@ -93,18 +93,38 @@ class TorchRuntime:
         return x.detach().float().cpu().numpy()
 
 
-def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
+def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device, int8: bool = False) -> None:
     """Safetensors into the model built on the meta device, through Model.sanitized
     (which copies every tensor it keeps). Each file is mapped once per tensor: a
     mapping held open keeps every page it touched resident, so each tensor's pages
     go when sanitized has made its copy. The embedding table comes first, while
-    nothing else is held."""
+    nothing else is held. With `int8`, every matrix arrives as int8 rows and their
+    scales (llama.int8_rows), quantized a block of rows at a time, each block read
+    through a mapping of its own: the float32 file is never resident whole."""
+    def open_file(path):
+        return safe_open(str(path), framework="pt", device=str(device))
+
+    def int8_rows(path, name):
+        with open_file(path) as f:
+            shape = f.get_slice(name).get_shape()
+        q = torch.empty(shape, dtype=torch.int8, device=device)
+        scale = torch.empty(shape[0], dtype=torch.bfloat16, device=device)
+        for a in range(0, shape[0], llama.INT8_ROWS):
+            with open_file(path) as f:
+                q[a:a + llama.INT8_ROWS], scale[a:a + llama.INT8_ROWS] = llama.int8_rows(
+                    f.get_slice(name)[a:a + llama.INT8_ROWS])
+        return q, scale
+
     def tensors():
         for path in files:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with open_file(path) as f:
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
+                matrices = {n for n in names if len(f.get_slice(n).get_shape()) == 2}
             for n in names:
-                with safe_open(str(path), framework="pt", device=str(device)) as f:
+                if int8 and n in matrices:
+                    yield n, int8_rows(path, n)
+                    continue
+                with open_file(path) as f:
                     yield n, f.get_tensor(n)
 
     state = model.sanitized(tensors(), dtype)
@@ -142,7 +162,7 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
             # Split before loading: the weights are read in the layout it picks.
             model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
     model.requires_grad_(False)  # before loading: int8 tensors cannot require gradients
-    load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
+    load_weights(model, model_files.weight_files(), DTYPES[dtype], device, int8=bool(quantize))
     model.eval()
     model.setup(DTYPES[compute], device)
     if dtype == "float32" and not quantize:
