@@ -211,7 +211,7 @@ def test_torch_split_linear_equals_f_linear():
     import torch
     import torch.nn.functional as F
 
-    from fermi.backends.torch.llama import SPLIT_ROWS, linear, linear_t, weight_blocks
+    from fermi.backends.torch.weights import SPLIT_ROWS, linear, linear_t, weight_blocks
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
@@ -315,17 +315,17 @@ def test_torch_int8_rows_round_to_their_scale():
     it), within one step of the float weight; INT8_ROWS at a time gives the same."""
     import torch
 
-    from fermi.backends.torch import llama
+    from fermi.backends.torch import weights
 
     w = torch.randn(70, 33, generator=torch.Generator().manual_seed(0)) * torch.logspace(-3, 2, 70)[:, None]
     before = w.clone()
-    q, scale = llama.int8_rows(w)
+    q, scale = weights.int8_rows(w)
     assert torch.equal(w, before)  # the weight (a mapped file's, at load) is only read
     assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and q.abs().max() == 127
     assert ((q.float() * scale.float()[:, None] - w).abs() <= scale.float()[:, None]).all()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(llama, "INT8_ROWS", 8)
-        q8, scale8 = llama.int8_rows(w)
+        mp.setattr(weights, "INT8_ROWS", 8)
+        q8, scale8 = weights.int8_rows(w)
     assert torch.equal(q8, q) and torch.equal(scale8, scale)
 
 
@@ -364,7 +364,7 @@ def test_torch_half_bytes_is_what_fbgemm_holds():
 
     import torch
 
-    from fermi.backends.torch.llama import half_bytes, pack_half
+    from fermi.backends.torch.weights import half_bytes, pack_half
 
     statm = Path("/proc/self/statm")
     if "fbgemm" not in torch.backends.quantized.supported_engines or not statm.exists():

@@ -13,7 +13,7 @@ from fermi.backends import Sample
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
-from . import graphs, llama, qwen2, qwen3
+from . import graphs, llama, qwen2, qwen3, weights
 from .cache import KVCache, Span
 from .sampler import TorchSampler, make_sampler
 
@@ -99,7 +99,7 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
     mapping held open keeps every page it touched resident, so each tensor's pages
     go when sanitized has made its copy. The embedding table comes first, while
     nothing else is held. With `int8`, every matrix arrives as int8 rows and their
-    scales (llama.int8_rows), quantized a block of rows at a time, each block read
+    scales (weights.int8_rows), quantized a block of rows at a time, each block read
     through a mapping of its own: the float32 file is never resident whole."""
     def open_file(path):
         return safe_open(str(path), framework="pt", device=str(device))
@@ -109,10 +109,10 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
             shape = f.get_slice(name).get_shape()
         q = torch.empty(shape, dtype=torch.int8, device=device)
         scale = torch.empty(shape[0], dtype=torch.bfloat16, device=device)
-        for a in range(0, shape[0], llama.INT8_ROWS):
+        for a in range(0, shape[0], weights.INT8_ROWS):
             with open_file(path) as f:
-                q[a:a + llama.INT8_ROWS], scale[a:a + llama.INT8_ROWS] = llama.int8_rows(
-                    f.get_slice(name)[a:a + llama.INT8_ROWS])
+                q[a:a + weights.INT8_ROWS], scale[a:a + weights.INT8_ROWS] = weights.int8_rows(
+                    f.get_slice(name)[a:a + weights.INT8_ROWS])
         return q, scale
 
     def tensors():
@@ -128,7 +128,7 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
                     yield n, f.get_tensor(n)
 
     state = model.sanitized(tensors(), dtype)
-    llama.give_back_freed_memory()
+    weights.give_back_freed_memory()
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
     if missing or unexpected:
