@@ -31,9 +31,10 @@ def test_run_prints_the_answer(backend):
 def test_run_with_8_bit_weights_on_torch():
     """`--quantize 8` on the torch backend (a CPU: int8 rows) answers; 4 bits is one clear line."""
     r = fermi("run", "--model", "smollm2-135m", "--backend", "torch", "--quantize", "8", "--temperature", "0",
-              "--max-new-tokens", "12", "-q", "What is the capital of France?")
+              "--max-new-tokens", "12", "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+    assert "· int8 ·" in r.stderr.splitlines()[0]  # the startup line names the weights' format
     one_line_error(fermi("run", "--model", "smollm2-135m", "--backend", "torch", "--quantize", "4", "Hi"),
                    "4-bit", "torch")
 

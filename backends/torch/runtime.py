@@ -169,5 +169,6 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
         model.fold_norms()
     if half:
         model.pack_half()
-    return TorchRuntime(model, config, device, dtype, compute)
+    # The label users see (startup line, stats): int8 weights, float32 arithmetic around them.
+    return TorchRuntime(model, config, device, "int8" if quantize else dtype, compute)
 
