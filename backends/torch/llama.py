@@ -19,7 +19,7 @@ from fermi.config import ModelConfig
 from fermi.errors import FermiError
 
 from .cache import KVCache, Span
-from .weights import (SPLIT_ROWS, give_back_freed_memory, half_bytes, half_linear, int8_linear, int8_rows,
+from .weights import (SPLIT_ROWS, give_back_freed_memory, half_bytes, half_linear, int8_linear,
                       linear, linear_t, pack_half, stacked, transposed, weight_blocks)
 
 HEAD_ROWS = 32768  # rows of the output projection packed at a time (Model.pack_half)
@@ -279,7 +279,7 @@ class Model(nn.Module):
         beforehand would be a second copy, whose freed memory the heap keeps), so the
         caller may hand in views of a mapped file; the extra memory is one layer's
         parts (or the table, if it comes first). A matrix the model holds as int8
-        (hold_int8) may come as (int8, scale) rows already (int8_rows)."""
+        (hold_int8) comes as (int8, scale) rows (weights.int8_rows)."""
         held_t = {f"{n}.weight": f"{n}.weight_t" for n, m in self.named_modules()
                   if isinstance(m, Linear) and m.weight_t is not None}
         if self.head_t is not None:
@@ -305,9 +305,8 @@ class Model(nn.Module):
                 parts = [group[f"{prefix}.{q}.{kind}"] for q in FUSED[fused]]
             if name in held_t:  # [out, in] parts -> one [in, out]
                 state[held_t[name]] = transposed(*parts, dtype=dtype)
-            elif name in int8:  # (int8, scale) parts as they come, or float ones quantized here
-                rows = [p if isinstance(p, tuple) else int8_rows(p) for p in parts]
-                state[name], state[int8[name]] = rows[0] if len(rows) == 1 else map(torch.cat, zip(*rows))
+            elif name in int8:  # (int8, scale) parts
+                state[name], state[int8[name]] = parts[0] if len(parts) == 1 else map(torch.cat, zip(*parts))
             else:  # (an int8 one here is not the model's: left to be reported as unexpected)
                 state[name] = parts[0][0] if isinstance(parts[0], tuple) else stacked(parts, dtype)
         for group in pending.values():  # parts without their partners: reported as unexpected

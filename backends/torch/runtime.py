@@ -93,36 +93,31 @@ class TorchRuntime:
         return x.detach().float().cpu().numpy()
 
 
-def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device, int8: bool = False) -> None:
+def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
     """Safetensors into the model built on the meta device, through Model.sanitized
     (which copies every tensor it keeps). Each file is mapped once per tensor: a
     mapping held open keeps every page it touched resident, so each tensor's pages
     go when sanitized has made its copy. The embedding table comes first, while
-    nothing else is held. With `int8`, every matrix arrives as int8 rows and their
-    scales (weights.int8_rows), quantized a block of rows at a time, each block read
-    through a mapping of its own: the float32 file is never resident whole."""
+    nothing else is held. A model that holds int8 (Model.hold_int8) gets every
+    matrix as int8 rows and their scales (weights.int8_rows), each block of rows
+    read through a mapping of its own: the float32 file is never resident whole."""
+    int8 = model.embed_scale is not None
+
     def open_file(path):
         return safe_open(str(path), framework="pt", device=str(device))
 
-    def int8_rows(path, name):
+    def read_rows(path, name, a, b):
         with open_file(path) as f:
-            shape = f.get_slice(name).get_shape()
-        q = torch.empty(shape, dtype=torch.int8, device=device)
-        scale = torch.empty(shape[0], dtype=torch.bfloat16, device=device)
-        for a in range(0, shape[0], weights.INT8_ROWS):
-            with open_file(path) as f:
-                q[a:a + weights.INT8_ROWS], scale[a:a + weights.INT8_ROWS] = weights.int8_rows(
-                    f.get_slice(name)[a:a + weights.INT8_ROWS])
-        return q, scale
+            return f.get_slice(name)[a:b]
 
     def tensors():
         for path in files:
             with open_file(path) as f:
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
-                matrices = {n for n in names if len(f.get_slice(n).get_shape()) == 2}
+                shapes = {n: f.get_slice(n).get_shape() for n in names} if int8 else {}
             for n in names:
-                if int8 and n in matrices:
-                    yield n, int8_rows(path, n)
+                if len(shapes.get(n, ())) == 2:  # a matrix, read as int8 rows
+                    yield n, weights.int8_rows(shapes[n], lambda a, b: read_rows(path, n, a, b), device)
                     continue
                 with open_file(path) as f:
                     yield n, f.get_tensor(n)
@@ -162,7 +157,7 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
             # Split before loading: the weights are read in the layout it picks.
             model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
     model.requires_grad_(False)  # before loading: int8 tensors cannot require gradients
-    load_weights(model, model_files.weight_files(), DTYPES[dtype], device, int8=bool(quantize))
+    load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.eval()
     model.setup(DTYPES[compute], device)
     if dtype == "float32" and not quantize:

@@ -77,14 +77,16 @@ def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
 INT8_ROWS = 4096  # rows quantized at a time (int8_rows): a few MiB of float32 temporaries
 
 
-def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (int8 [out, in], bfloat16 [out]): each row rounded to 255 levels
-    of its own scale (its largest magnitude is 127), as torch._weight_int8pack_mm
-    reads them. Quantized INT8_ROWS rows at a time: the float32 work stays small."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.bfloat16, device=w.device)
-    for a in range(0, w.shape[0], INT8_ROWS):
-        rows = w[a:a + INT8_ROWS].float()  # w itself when w is float32: not written to
+def int8_rows(shape, read, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float weight of `shape` [out, in], whose rows [a, b) `read(a, b)` returns,
+    -> (int8 [out, in], bfloat16 [out]): each row rounded to 255 levels of its own
+    scale (its largest magnitude is 127), as torch._weight_int8pack_mm reads them.
+    Read and quantized INT8_ROWS rows at a time: the float32 work stays small (and
+    a reader may map its file for one block only: runtime.load_weights)."""
+    q = torch.empty(shape, dtype=torch.int8, device=device)
+    scale = torch.empty(shape[0], dtype=torch.bfloat16, device=device)
+    for a in range(0, shape[0], INT8_ROWS):
+        rows = read(a, a + INT8_ROWS).float()  # the weight itself when float32: not written to
         s = rows.abs().amax(1).clamp(min=1e-12).div_(127).bfloat16()  # the scale the kernel will use
         q[a:a + INT8_ROWS] = (rows / s.float()[:, None]).round_().clamp_(-127, 127)
         scale[a:a + INT8_ROWS] = s
