@@ -44,7 +44,7 @@ class Span:
             rows = torch.tensor(slots, device=device)
         if all(p == positions[0] for p in positions):
             return cls(rows, positions[0], 1, end)
-        index = torch.tensor(slots, device=device)
+        index = rows if isinstance(rows, torch.Tensor) else torch.tensor(slots, device=device)
         return cls(rows, min(positions), 1, end, torch.tensor(positions, device=device), index)
 
 
