@@ -49,10 +49,24 @@ class Cache(Protocol):
 
 
 class Sampler(Protocol):
-    """Stateful per sequence: remembers what it sampled (for the penalties) and its RNG."""
+    """One request's sampling state (each backend's `sampler.RowState`): its params,
+    its seed, how many tokens it has drawn, and under penalties what it has seen.
+
+    Each backend's sampler module also has `sample_batch(logits, rows, masks=None)
+    -> list[Sample]`: logits [n, vocab], row i sampled with rows[i]'s params in one
+    batched computation on the device; masks, None or an int32 token bitmask per
+    row [n, ceil(vocab/32)] (bit j%32 of word j//32 = token j allowed), applied
+    after the penalties. The RNG is a counter-based hash of (seed, draws so far,
+    token id), the same in every backend, so a seeded request draws the same tokens
+    whatever shares its batch."""
+
+    params: SamplingParams
+    seed: int
+    drawn: int  # tokens drawn so far: the RNG's counter
 
     def __call__(self, logits: Any) -> Sample:
-        """logits: one row, [vocab], a backend array. Returns the chosen token."""
+        """logits: one row, [vocab] (or [1, vocab]), a backend array; the same as
+        `sample_batch(logits[None], [self])[0]`. Returns the chosen token."""
         ...
 
 

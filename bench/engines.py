@@ -74,7 +74,7 @@ def _kv_per_pos(config: dict, dtype_bytes: int) -> int:
 
 class Fermi(Adapter):
     """fermi.sources.resolve + fermi.backends.get(backend).load(...), then the
-    Engine: decode through Session.chat (temperature 0, EOS ignored by emptying
+    Engine: decode through the serving core (Scheduler.run; temperature 0, EOS ignored by emptying
     the engine's EOS set, no stop strings), or with loop="stream" through the
     runtime's own stream (prefill + sample + decode, no detokenizer)."""
 
@@ -92,7 +92,7 @@ class Fermi(Adapter):
 
     def describe(self) -> dict:
         d = {"backend": self.backend, "dtype": self.dtype, "quantize": self.quantize,
-             "decode_loop": "Session.chat, EOS ignored" if self.loop == "session" else "runtime.stream"}
+             "decode_loop": "serving core, EOS ignored" if self.loop == "session" else "runtime.stream"}
         if self.engine is not None:
             r = self.engine.runtime
             d.update(dtype=r.dtype, device=r.device)
@@ -155,14 +155,15 @@ class Fermi(Adapter):
                 stream.close()
             self.kv_bytes = max(self.kv_bytes, cache.nbytes)
             return t
-        session = engine.session()
-        prompt_ids = engine.prompt(messages, "auto").ids
-        if prompt_ids != list(ids):
+        core = engine.scheduler()
+        request = engine.request(messages, "auto", n, temperature=0.0)
+        if request.ids != list(ids):
             raise RuntimeError("fermi rendered the prompt to other ids than the harness")
+        request.next_turn = None  # nothing to settle: each run is a new conversation
         done = None
-        for rec in session.chat(messages, "auto", max_new_tokens=n, temperature=0.0):
+        for rec in core.run(request):
             done = rec
-        self.kv_bytes = max(self.kv_bytes, session.cache.nbytes)
+        self.kv_bytes = max(self.kv_bytes, core.cache.nbytes)
         if done.completion_tokens != n:
             raise RuntimeError(f"fermi stopped after {done.completion_tokens} of {n} tokens ({done.finish_reason})")
         return Timing(done.ttft, done.decode_tps, done.completion_tokens)

@@ -1,8 +1,8 @@
 """`fermi chat`: a multi-turn chat in the terminal, or one message per line
 when stdin is not a terminal.
 
-`Chat` holds the conversation (messages, the engine Session with its KV cache,
-thinking mode, system prompt, totals); `handle(line)` runs one command or turn.
+`Chat` holds the conversation (messages, a one-slot serving core whose slot
+keeps the KV cache, thinking mode, system prompt, totals); `handle(line)` runs one command or turn.
 `run(prompt_session)` is the interactive loop, `run_lines(lines)` the scripted
 one. Drawing lives in render.py, the terminal's input side in repl.py."""
 
@@ -12,12 +12,12 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fermi.engine import Done, Engine
+from fermi.engine import Engine
+from fermi.serving import Done
 from fermi.errors import ContextOverflow, FermiError
 from fermi.thinking import MODES
 
@@ -62,7 +62,7 @@ class Chat:
         self.engine = engine
         self.args = args
         self.view = view
-        self.session = engine.session()
+        self.core = engine.scheduler(1)  # one slot: it keeps the conversation's KV cache
         self.messages: list[dict] = []  # user and assistant turns; the system prompt is kept apart
         self.system: str | None = args.system
         self.thinking: str = args.thinking
@@ -71,7 +71,7 @@ class Chat:
                            decode_seconds=0.0)
         self.last: TurnStats | None = None
         self.failed = False  # a turn ended in an error (the exit status of a script)
-        self._cancel = threading.Event()
+        self._request = None  # the request being answered, for cancel()
 
     # --- the conversation ---------------------------------------------------------
 
@@ -87,7 +87,8 @@ class Chat:
 
     def cancel(self) -> None:
         """Stop the answer being generated after its current token (any thread)."""
-        self._cancel.set()
+        if self._request is not None:
+            self._request.cancel()
 
     # --- lines in -------------------------------------------------------------------
 
@@ -190,14 +191,13 @@ class Chat:
                    else "/reset to start over, or run with --context-policy drop-oldest")
             self.view.error(f"this turn does not fit: {e}; {fix}")
             return False
-        params = self.engine.sampling(prompt, **self.sampling)
-        cached = min(self.session.common_prefix(prompt.ids), len(prompt.ids) - 1)
-        self._cancel.clear()
+        request = self.engine.request(self.conversation(), self.thinking, self.args.max_new_tokens, self.args.stop,
+                                      prompt=prompt, **self.sampling)
+        self._request = request
         start, first = time.perf_counter(), None
         content: list[str] = []
         done: Done | None = None
-        stream = self.session.generate(prompt, params, max_new_tokens=self.args.max_new_tokens,
-                                       stop=self.args.stop, cancel=self._cancel.is_set)
+        stream = self.core.run(request)
         from .render import TurnStats
         from .repl import CtrlC, no_echo
 
@@ -217,12 +217,14 @@ class Chat:
                 pass
             finally:
                 ctrl_c.ignore()  # the answer is stopped already: a second Ctrl-C must not break the tidying up
-                stream.close()  # the Session's own `finally` keeps its cache and ids consistent
+                stream.close()  # cancels an unfinished request: the core keeps its slot consistent
+                self._request = None
                 self.messages.append({"role": "assistant", "content": "".join(content)})
                 view.close()
-        if done is None:  # Ctrl-C: no Done record; the Session's ids tell how far it got
+        if done is None:  # Ctrl-C: no Done record; the request tells how far it got
             end = time.perf_counter()
-            n = max(0, len(self.session.ids) - len(prompt.ids))
+            cached = request.cached
+            n = len(request.output.generated) if request.output else 0
             first = first or end
             tps = (n - 1) / (end - first) if n > 1 and end > first else 0.0
             stats = TurnStats(len(prompt.ids), cached, n, first - start, tps, "interrupted")
@@ -249,7 +251,7 @@ class Chat:
 
     def cmd_reset(self, arg: str) -> None:
         self.messages.clear()
-        self.session.reset()
+        self.core.reset()
         self.view.info("conversation and cache cleared")
 
     def cmd_think(self, arg: str) -> None:
@@ -290,7 +292,7 @@ class Chat:
             ("thinking", self.thinking),
             ("turns", f"{t['turns']}" + (f" ({t['interrupted']} interrupted)" if t["interrupted"] else "")),
             ("messages", str(len(self.conversation()))),
-            ("context", f"{len(self.session.ids)} of {self.engine.context_length} tokens in the cache"),
+            ("context", f"{len(self.core.slots[0].ids)} of {self.engine.context_length} tokens in the cache"),
             ("prompt tokens", f"{t['prompt_tokens']}, {t['cached_tokens']} of them cached{share}"),
             ("generated", f"{t['completion_tokens']} tokens, {tps:.1f} tok/s"),
         ])
@@ -314,7 +316,7 @@ class Chat:
             self.view.error(f"cannot load {path}: {e}")
             return
         self.system = messages.pop(0)["content"] if messages and messages[0]["role"] == "system" else None
-        self.messages = messages  # the Session keeps whatever prefix of its cache still matches
+        self.messages = messages  # the slot keeps whatever prefix of its cache still matches
         self.view.info(f"loaded {len(messages)} messages from {path}" + (" and a system prompt" if self.system else ""))
 
 

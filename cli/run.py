@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from fermi.engine import Done
+from fermi.serving import Done
 
 from .common import add_generation_args, add_model_args, load_engine, sampling_kwargs
 
@@ -25,8 +25,8 @@ def run(args) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    stream = engine.session().chat(messages, args.thinking, max_new_tokens=args.max_new_tokens,
-                                   stop=args.stop, **sampling_kwargs(args))
+    request = engine.request(messages, args.thinking, args.max_new_tokens, args.stop, **sampling_kwargs(args))
+    stream = engine.scheduler().run(request)
     out, err = sys.stdout, sys.stderr
     shown = "content"  # the kind of the text last written to stdout
     thought = False  # reasoning went to stderr without its closing newline

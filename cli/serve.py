@@ -6,8 +6,10 @@ running generations and shuts down cleanly (exit status 0)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -25,12 +27,13 @@ def add_parser(sub) -> None:
                    "0.0.0.0 listens on every interface)")
     g.add_argument("--port", type=int, help="default: $FERMI_PORT or 8000")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $FERMI_API_KEY)")
-    g.add_argument("--pool", type=int, help="generations run at once (default: $FERMI_ENGINE_POOL or 1)")
+    g.add_argument("--parallel", "--pool", "-np", dest="parallel", type=int, metavar="N",
+                   help="slots: sequences decoded together in one batch, each keeping its conversation's "
+                   "prefix (default: $FERMI_ENGINE_POOL, else 4 on a CPU and 8 on a GPU or Metal)")
     g.add_argument("--queue-max", type=int, help="generations that may wait; more are refused with 503 "
                    "(default: $FERMI_QUEUE_MAX or 64)")
-    g.add_argument("--session-max", type=int, help="conversations whose KV cache is kept "
-                   "(default: $FERMI_SESSION_MAX or 4)")
-    g.add_argument("--session-ttl-ms", type=int, help="idle time after which a kept cache is dropped, "
+    g.add_argument("--session-max", type=int, help=argparse.SUPPRESS)  # retired: the slots keep the prefixes
+    g.add_argument("--session-ttl-ms", type=int, help="idle time after which a slot's kept prefix is forgotten, "
                    "0 = never (default: $FERMI_SESSION_TTL_MS or 30 minutes)")
     g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
     p.set_defaults(func=serve)
@@ -42,9 +45,8 @@ def serve(args) -> int:
     from fermi.server.app import RequestLog, Settings, create_app
     from fermi.template import ChatTemplate
 
-    settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, pool=args.pool,
-                                 queue_max=args.queue_max, session_max=args.session_max,
-                                 session_ttl_ms=args.session_ttl_ms)
+    settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
+                                 queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms)
     if args.model:
         settings.aliases = [args.model]
     template = None
@@ -56,10 +58,14 @@ def serve(args) -> int:
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fermi: %(message)s"))
+    for name in ("fermi.server", "fermi.serving"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).propagate = False
     log = logging.getLogger("fermi.server")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    if args.session_max is not None or os.environ.get("FERMI_SESSION_MAX"):
+        log.warning("--session-max / FERMI_SESSION_MAX no longer apply: each of the --parallel slots keeps "
+                    "one conversation's prefix (see the README)")
 
     def load():
         engine = load_engine(args)
@@ -74,11 +80,14 @@ def serve(args) -> int:
         failed.append(e)
         server.should_exit = True
 
-    app = create_app(load, settings, on_ready=lambda engine: log.info("ready: %s", engine.name), on_error=on_error)
+    def on_ready(engine) -> None:
+        log.info("ready: %s, %d slots decoded together", engine.name, len(app.state.serving.scheduler.slots))
+
+    app = create_app(load, settings, on_ready=on_ready, on_error=on_error)
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     sock = bind(settings.host, settings.port)
-    server = make_server(config, app.state.scheduler)
+    server = make_server(config, app.state.serving)
     server.run(sockets=[sock])
     if failed:
         e = failed[0]
@@ -100,7 +109,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(config, scheduler):
+def make_server(config, serving):
     """uvicorn's Server, plus: a shutdown signal cancels the running generations
     (so their streams end now), and a clean shutdown exits 0 rather than
     re-raising the signal."""
@@ -113,10 +122,10 @@ def make_server(config, scheduler):
                 host, port = (sockets[0].getsockname()[:2] if sockets else (config.host, config.port))
                 logging.getLogger("fermi.server").info(
                     "listening on http://%s:%d (model %s)", host, port,
-                    "ready" if scheduler.ready.is_set() else "loading")
+                    "ready" if serving.ready.is_set() else "loading")
 
         def handle_exit(self, sig, frame):
-            scheduler.cancel_all()
+            serving.cancel_all()
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 

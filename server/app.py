@@ -25,12 +25,12 @@ from litestar.openapi import OpenAPIConfig
 from fermi import __version__
 from fermi.engine import Engine
 from fermi.errors import ContextOverflow, FermiError
-from fermi.sessions import DEFAULT_MAX, DEFAULT_TTL_MS
+from fermi.serving import DEFAULT_TTL_MS, Limits
 
 from .chat import ChatController
 from .models import HealthController, ModelsController
 from .responses import ResponsesController
-from .scheduler import Limits, Scheduler
+from .scheduler import Serving
 from .schemas import APIError
 
 log = logging.getLogger("fermi.server")
@@ -43,16 +43,15 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    pool: int = 1  # FERMI_ENGINE_POOL: generations run at once
+    parallel: int | None = None  # FERMI_ENGINE_POOL: slots, sequences decoded together (None: 4 on a CPU, else 8)
     queue_max: int = 64  # FERMI_QUEUE_MAX: generations waiting beyond those; more are refused (503)
-    session_max: int = DEFAULT_MAX  # FERMI_SESSION_MAX
-    session_ttl_ms: int = DEFAULT_TTL_MS  # FERMI_SESSION_TTL_MS, 0 = none
+    session_ttl_ms: int = DEFAULT_TTL_MS  # FERMI_SESSION_TTL_MS: a slot's kept prefix is forgotten after; 0 = never
     max_body: int = MAX_BODY  # FERMI_MAX_BODY: bytes; larger request bodies are refused (413)
     aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
 
-    ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "pool": "FERMI_ENGINE_POOL",
-           "queue_max": "FERMI_QUEUE_MAX", "session_max": "FERMI_SESSION_MAX",
-           "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY"}
+    ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "parallel": "FERMI_ENGINE_POOL",
+           "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY"}
+    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body")
 
     @classmethod
     def from_env(cls, env=None, **flags) -> "Settings":
@@ -66,16 +65,15 @@ class Settings:
                 value = raw
             if value is None:
                 continue
-            if isinstance(getattr(cls, name, None), int) and not isinstance(value, int):
+            if name in cls.INTS and not isinstance(value, int):
                 try:
                     value = int(value)
                 except ValueError:
                     raise FermiError(f"{var} must be an integer, not '{value}'") from None
             setattr(s, name, value)
         s.api_key = s.api_key or None
-        for name, least in (("pool", 1), ("session_max", 1), ("queue_max", 0), ("session_ttl_ms", 0),
-                            ("max_body", 0)):
-            if getattr(s, name) < least:
+        for name, least in (("parallel", 1), ("queue_max", 0), ("session_ttl_ms", 0), ("max_body", 0)):
+            if getattr(s, name) is not None and getattr(s, name) < least:
                 spelled = cls.ENV[name] if name == "max_body" else f"--{name.replace('_', '-')} / {cls.ENV[name]}"
                 raise FermiError(f"{spelled} must be at least {least}, not {getattr(s, name)}")
         return s
@@ -88,19 +86,16 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
     server is up), or is an engine already loaded."""
     settings = settings or Settings()
     loader = load if callable(load) and not isinstance(load, Engine) else (lambda: load)
-    scheduler = Scheduler(
-        loader,
-        Limits(settings.pool, settings.queue_max, settings.session_max, settings.session_ttl_ms),
-        on_ready=on_ready, on_error=on_error, aliases=settings.aliases,
-    )
+    serving = Serving(loader, Limits(settings.parallel, settings.queue_max, settings.session_ttl_ms),
+                      on_ready=on_ready, on_error=on_error, aliases=settings.aliases)
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        scheduler.start()
+        serving.start()
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(scheduler.stop)
+            await anyio.to_thread.run_sync(serving.stop)
 
     def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         if not settings.api_key:
@@ -113,7 +108,7 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
                 guards=[api_key_guard])
     app = Litestar(
         route_handlers=[v1, HealthController],
-        dependencies={"scheduler": Provide(lambda: scheduler, sync_to_thread=False)},
+        dependencies={"serving": Provide(lambda: serving, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body,
@@ -121,7 +116,7 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
                                      description="An OpenAI-compatible server for local models."),
         debug=False,
     )
-    app.state.scheduler = scheduler
+    app.state.serving = serving
     app.state.settings = settings
     return app
 

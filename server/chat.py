@@ -11,10 +11,11 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.response import Stream
 
-from fermi.engine import Delta, Done, Engine
+from fermi.engine import Engine
+from fermi.serving import Delta, Done
 from fermi.errors import FermiError
 
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Serving
 from .schemas import (
     APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessage, ChatRequest, Choice,
     ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, ErrorBody, PromptTokensDetails,
@@ -32,8 +33,8 @@ class ChatController(Controller):
     @post(summary="Create a chat completion", status_code=200,
           description="OpenAI's chat completions. With stream=true the answer comes as server-sent "
                       "chat.completion.chunk events ending with `data: [DONE]`.")
-    async def create(self, request: Request, data: ChatRequest, scheduler: Scheduler) -> ChatCompletion:
-        engine = scheduler.require_model(data.model)
+    async def create(self, request: Request, data: ChatRequest, serving: Serving) -> ChatCompletion:
+        engine = serving.require_model(data.model)
         if data.n is not None and data.n != 1:
             raise APIError(400, f"n={data.n} is not supported: this server makes one choice per request",
                            param="n", code="unsupported_value")
@@ -47,7 +48,7 @@ class ChatController(Controller):
         if data.logprobs:
             sampling["logprobs"] = data.top_logprobs or 0
         stop = [data.stop] if isinstance(data.stop, str) else data.stop
-        job = await scheduler.submit(messages, data.thinking_mode(), sampling,
+        job = await serving.start_job(messages, data.thinking_mode(), sampling,
                                      data.max_completion_tokens or data.max_tokens, stop)
         reply = Reply(engine, inline=data.reasoning_format in ("inline", "none"), logprobs=bool(data.logprobs))
         log = request.scope.get("fermi.log", {})
@@ -191,7 +192,7 @@ async def sse_chunks(job: Job, reply: Reply, include_usage: bool, log: dict) -> 
         return sse(ChatCompletionChunk(id=reply.id, created=reply.created, model=reply.engine.name,
                                        choices=choices, usage=usage))
 
-    log.update(prompt_tokens=len(job.work.prompt.ids))
+    log.update(prompt_tokens=len(job.request.ids))
     try:
         yield chunk(ChunkDelta(role="assistant", content=""))
         done = None

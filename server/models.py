@@ -8,7 +8,7 @@ import time
 import anyio
 from litestar import Controller, Response, get
 
-from .scheduler import Scheduler
+from .scheduler import Serving
 from .schemas import APIError, Health, ModelCard, ModelList
 
 STARTED = int(time.time())
@@ -29,8 +29,8 @@ def cached_models() -> list[ModelCard]:
     ]
 
 
-async def all_models(scheduler: Scheduler) -> list[ModelCard]:
-    engine = scheduler.require_engine()
+async def all_models(serving: Serving) -> list[ModelCard]:
+    engine = serving.require_engine()
     loaded = ModelCard(id=engine.name, created=STARTED, owned_by="fermi", loaded=True)
     others = await anyio.to_thread.run_sync(cached_models)
     return [loaded] + [m for m in others if m.id != engine.name]
@@ -42,14 +42,14 @@ class ModelsController(Controller):
 
     @get(summary="List models", description="The loaded model (loaded: true) first, then the models "
                                              "found in the local Hugging Face cache.")
-    async def list_models(self, scheduler: Scheduler) -> ModelList:
-        return ModelList(data=await all_models(scheduler))
+    async def list_models(self, serving: Serving) -> ModelList:
+        return ModelList(data=await all_models(serving))
 
     @get("/{model_id:path}", summary="Retrieve a model")
-    async def get_model(self, model_id: str, scheduler: Scheduler) -> ModelCard:
+    async def get_model(self, model_id: str, serving: Serving) -> ModelCard:
         model_id = model_id.lstrip("/")
-        for m in await all_models(scheduler):
-            if m.id == model_id or (m.loaded and model_id in scheduler.aliases):
+        for m in await all_models(serving):
+            if m.id == model_id or (m.loaded and model_id in serving.aliases):
                 return m
         raise APIError(404, f"model '{model_id}' not found", type="not_found_error", param="model",
                        code="model_not_found")
@@ -60,10 +60,10 @@ class HealthController(Controller):
     tags = ["health"]
 
     @get(summary="Health", description="503 while the model loads (or if it failed to), then 200.")
-    async def health(self, scheduler: Scheduler) -> Response[Health]:
-        stats = scheduler.stats()
-        if scheduler.error is not None:
-            return Response(Health(status="error", error=str(scheduler.error), **stats), status_code=503)
-        if scheduler.engine is None or not scheduler.ready.is_set():
+    async def health(self, serving: Serving) -> Response[Health]:
+        stats = serving.stats()
+        if serving.error is not None:
+            return Response(Health(status="error", error=str(serving.error), **stats), status_code=503)
+        if serving.engine is None or not serving.ready.is_set():
             return Response(Health(status="loading", **stats), status_code=503)
-        return Response(Health(status="ok", model=scheduler.engine.name, **stats), status_code=200)
+        return Response(Health(status="ok", model=serving.engine.name, **stats), status_code=200)

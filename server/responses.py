@@ -19,12 +19,13 @@ import msgspec
 from litestar import Controller, Request, post
 from litestar.response import Stream
 
-from fermi.engine import Delta, Done, Engine
+from fermi.engine import Engine
+from fermi.serving import Delta, Done
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
 from .chat import note
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Serving
 from .schemas import (
     APIError, ErrorBody, IncompleteDetails, InputItem, InputTokensDetails, MessageItem, OutputText,
     OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest,
@@ -42,8 +43,8 @@ class ResponsesController(Controller):
           description="OpenAI's Responses API. With stream=true the answer comes as typed server-sent "
                       "events, each with its sequence_number, ending in response.completed or "
                       "response.incomplete.")
-    async def create(self, request: Request, data: ResponsesRequest, scheduler: Scheduler) -> ResponseObject:
-        engine = scheduler.require_model(data.model)
+    async def create(self, request: Request, data: ResponsesRequest, serving: Serving) -> ResponseObject:
+        engine = serving.require_model(data.model)
         if data.previous_response_id:
             raise APIError(400, "previous_response_id is not supported: this server stores no responses; "
                            "send the whole conversation as input", param="previous_response_id",
@@ -53,9 +54,9 @@ class ResponsesController(Controller):
         messages = input_messages(data)
         effort = data.reasoning.effort if data.reasoning else None
         stop = [data.stop] if isinstance(data.stop, str) else data.stop
-        job = await scheduler.submit(messages, data.thinking_mode(effort), data.sampling(), data.max_output_tokens,
+        job = await serving.start_job(messages, data.thinking_mode(effort), data.sampling(), data.max_output_tokens,
                                      stop)
-        build = Builder(engine, data, job.work.params)
+        build = Builder(engine, data, job.request.params)
         log = request.scope.get("fermi.log", {})
         if data.stream:
             return Stream(sse_events(job, build, log), media_type="text/event-stream",
@@ -233,7 +234,7 @@ class Builder:
 
 
 async def sse_events(job: Job, build: Builder, log: dict) -> AsyncIterator[bytes]:
-    log.update(prompt_tokens=len(job.work.prompt.ids))
+    log.update(prompt_tokens=len(job.request.ids))
     try:
         for e in build.start():
             yield e

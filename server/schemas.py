@@ -357,6 +357,6 @@ class Health(Struct, kw_only=True):
     status: str  # loading | ok | error
     model: str | None = None
     error: str | None = None
-    active: int = 0
-    waiting: int = 0
-    sessions: int = 0
+    active: int = 0  # requests generating now
+    waiting: int = 0  # requests queued for a slot
+    slots: int = 0  # sequences decoded together (--parallel)

@@ -87,8 +87,8 @@ def test_a_question_streams_an_answer_the_next_turn_reuses_the_cache_and_reset_c
     assert CAPITAL in history.read_text()  # the persistent history
 
     drive(chat, "/reset\r\x04")
-    assert chat.messages == [] and chat.session.ids == [] and chat.session.cache.lengths[0] == 0
-    assert chat.session.common_prefix(eng.prompt([{"role": "user", "content": CAPITAL}]).ids) == 0
+    slot = chat.core.slots[0]
+    assert chat.messages == [] and slot.ids == [] and chat.core.cache.lengths[0] == 0
 
 
 def test_think_off_changes_the_prompt(eng):
@@ -134,9 +134,9 @@ def test_ctrl_c_stops_a_long_answer_and_the_next_turn_works(eng):
     assert partial and partial == "".join(t for _, t in chat.view.deltas[:3])  # the partial answer is kept
     assert chat.totals["interrupted"] == 1 and chat.totals["turns"] == 2
     assert chat.messages[3]["content"] and chat.last.finish != "interrupted"
-    # the Session stayed consistent: its ids are a prefix of the conversation's tokens
+    # the slot stayed consistent: its ids are a prefix of the conversation's tokens
     assert chat.last.cached_tokens >= len(eng.prompt(chat.messages[:1]).ids)  # the partial answer was reused
-    assert chat.session.ids[: chat.last.prompt_tokens] == eng.prompt(chat.conversation()[:-1]).ids
+    assert chat.core.slots[0].ids[: chat.last.prompt_tokens] == eng.prompt(chat.conversation()[:-1]).ids
 
     # Chat.cancel (for another thread, say) stops an answer through the engine's cancel hook
     chat.view.interrupt_at, chat.view.interrupt = len(chat.view.deltas) + 2, chat.cancel

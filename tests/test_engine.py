@@ -5,7 +5,7 @@ import pytest
 from fermi.errors import ContextOverflow
 from fermi.tokenizer import Detokenizer
 
-from models import engine, greedy_text
+from models import chat, engine, greedy_text
 
 HELLO = [{"role": "user", "content": "Write a short poem about the sea."}]
 
@@ -49,7 +49,7 @@ def test_eos_ends_with_stop(eng):
 
 def test_same_seed_same_output(eng):
     def sample(seed):
-        recs = list(eng.session().chat(HELLO, max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=seed))
+        recs = chat(eng, HELLO, max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, seed=seed)
         return recs[-1].tokens
 
     a, b, c = sample(7), sample(7), sample(8)
@@ -58,15 +58,15 @@ def test_same_seed_same_output(eng):
 
 
 def test_second_turn_prefills_only_new_tokens(eng):
-    session = eng.session()
-    first = list(session.chat(HELLO, max_new_tokens=24, temperature=0.0))
+    core = eng.scheduler()
+    first = chat(eng, HELLO, max_new_tokens=24, temperature=0.0, core=core)
     answer = "".join(r.text for r in first[:-1])
     turn2 = HELLO + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Now make it rhyme."}]
-    recs = list(session.chat(turn2, max_new_tokens=16, temperature=0.0))
+    recs = chat(eng, turn2, max_new_tokens=16, temperature=0.0, core=core)
     done = recs[-1]
     assert done.cached_tokens >= first[-1].prompt_tokens
     assert done.prompt_tokens - done.cached_tokens < 20  # only the new message and its framing
-    # and the cache reuse changes nothing: a fresh session says the same
+    # and the cache reuse changes nothing: a fresh core says the same
     _, fresh = greedy_text(eng, turn2, 16)
     assert fresh.tokens == done.tokens and fresh.cached_tokens == 0
 
@@ -74,4 +74,4 @@ def test_second_turn_prefills_only_new_tokens(eng):
 def test_prompt_longer_than_context_is_refused(eng):
     long = [{"role": "user", "content": "word " * (eng.context_length + 10)}]
     with pytest.raises(ContextOverflow, match="context"):
-        list(eng.session().chat(long, max_new_tokens=4))
+        chat(eng, long, max_new_tokens=4)

@@ -6,7 +6,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from models import engine
+from models import chat, engine
 
 PROMPTS = [
     [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}],
@@ -34,7 +34,7 @@ def check_against_transformers(eng, prompts=PROMPTS):
     hf = reference(str(eng.model.gguf))
     for messages in prompts:
         prompt = eng.prompt(messages)
-        recs = list(eng.session().chat(messages, max_new_tokens=N, temperature=0.0))
+        recs = chat(eng, messages, max_new_tokens=N, temperature=0.0)
         ours = recs[-1].tokens
         theirs = greedy_reference(hf, prompt.ids, len(ours))
         assert ours == theirs, messages
@@ -64,7 +64,7 @@ def follows_float32(**load):
     ids = engines[0].model.tokenizer.encode(TEXT)[:128]
     top1 = [e.runtime.to_numpy(e.runtime.prefill(ids, e.runtime.new_cache(), all_logits=True)).argmax(-1)
             for e in engines]
-    first = [list(e.session().chat(PROMPTS[0], max_new_tokens=12, temperature=0.0))[-1].tokens for e in engines]
+    first = [chat(e, PROMPTS[0], max_new_tokens=12, temperature=0.0)[-1].tokens for e in engines]
     return np.mean(top1[0] == top1[1]), first[0] == first[1]
 
 

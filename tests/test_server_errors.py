@@ -19,7 +19,7 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    with Server("--api-key", KEY, "--pool", "2", env={"FERMI_QUEUE_MAX": "1"}) as s:
+    with Server("--api-key", KEY, "--parallel", "2", env={"FERMI_QUEUE_MAX": "1"}) as s:
         yield s
 
 
@@ -142,7 +142,7 @@ def wait_for_stats(http, timeout=30, **want) -> dict:
 def test_full_queue_answers_503_at_once(http):
     wait_for_stats(http, active=0, waiting=0)
     with ExitStack() as streams:
-        # two generations run (pool 2), one waits (queue 1)...
+        # two generations run (2 slots), one waits (queue 1)...
         for active, waiting in [(1, 0), (2, 0), (2, 1)]:
             r = streams.enter_context(http.stream("POST", CHAT, json=stream_body(COUNT)))
             assert r.status_code == 200
@@ -188,7 +188,8 @@ def test_settings_env_and_flags():
 
     env = {"FERMI_API_KEY": "k", "FERMI_PORT": "9000", "FERMI_ENGINE_POOL": "2", "FERMI_SESSION_TTL_MS": "0"}
     s = Settings.from_env(env)
-    assert (s.host, s.port, s.api_key, s.pool, s.session_ttl_ms, s.queue_max) == ("127.0.0.1", 9000, "k", 2, 0, 64)
+    assert (s.host, s.port, s.api_key, s.parallel, s.session_ttl_ms, s.queue_max) == ("127.0.0.1", 9000, "k", 2, 0, 64)
+    assert Settings.from_env({}).parallel is None  # the device's default: 4 slots on a CPU, 8 on a GPU
     assert Settings.from_env(env, port=8123, api_key="flag").port == 8123  # flags win
     with pytest.raises(FermiError, match="FERMI_ENGINE_POOL"):
         Settings.from_env({"FERMI_ENGINE_POOL": "0"})

@@ -18,7 +18,7 @@ from fermi.errors import ContextOverflow, FermiError
 from fermi.sampling import SamplingParams
 
 from .cache import KVCache
-from .sampler import Sampler, make_sampler
+from .sampler import Sampler, make_sampler, sample_batch
 
 PREFILL_CHUNK = 512  # bounds the attention scores and activations of a long prompt
 
@@ -66,6 +66,12 @@ class MLXRuntime:
 
     def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Sampler:
         return make_sampler(params, prompt_ids)
+
+    def sample(self, logits: list, rows: list, masks=None) -> list[Sample]:
+        """One batched sampling call: logits as prefill and decode returned them ([vocab]
+        or [n, vocab] each), one sampler state per row in that order."""
+        x = mx.concatenate([lg.reshape(-1, lg.shape[-1]) for lg in logits])
+        return sample_batch(x, rows, masks)
 
     def stream(self, ids: Sequence[int], cache: KVCache, slot: int, sampler) -> Iterator[Sample]:
         """Prefill, then sample and decode until the consumer closes the generator.

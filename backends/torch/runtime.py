@@ -15,7 +15,7 @@ from fermi.sampling import SamplingParams
 
 from . import graphs, llama, qwen2, qwen3, weights
 from .cache import KVCache, Span
-from .sampler import TorchSampler, make_sampler
+from .sampler import TorchSampler, make_sampler, sample_batch
 
 ARCHITECTURES = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,6 +81,12 @@ class TorchRuntime:
 
     def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> TorchSampler:
         return make_sampler(params, prompt_ids)
+
+    def sample(self, logits: list, rows: list, masks=None) -> list[Sample]:
+        """One batched sampling call: logits as prefill and decode returned them ([vocab]
+        or [n, vocab] each), one sampler state per row in that order."""
+        x = torch.cat([lg.reshape(-1, lg.shape[-1]) for lg in logits])
+        return sample_batch(x, rows, masks)
 
     def stream(self, ids: Sequence[int], cache: KVCache, slot: int, sampler) -> Iterator[Sample]:
         logits = self.prefill(ids, cache, slot)

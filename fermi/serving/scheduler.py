@@ -1,0 +1,370 @@
+"""The scheduler: many requests, one KV cache of N slots, one batched step.
+
+One `step()`:
+1. requests cancelled since the last step leave (their slots free now);
+2. waiting requests are admitted, first come first served, into free slots
+   (SlotStore.choose: the slot whose kept prefix they continue, else the least
+   recently used one) and prefill only what the slot does not already hold;
+3. prefill in chunks under a token budget per step, so requests already decoding
+   keep streaming while a long prompt loads;
+4. ONE batched decode over every decoding request (mixed positions and lengths);
+5. ONE batched sampling call over the rows that need a token (the prompts whose
+   prefill just ended, and the decodes), each row with its own parameters and
+   token mask;
+6. each request's output processor turns its token into records.
+
+Requests join and leave between any two steps. A request whose own processing
+fails fails alone; a fault in the shared decode fails the requests in that batch
+(their slots start over), and the scheduler goes on.
+
+It is not thread-safe but for `submit` and `Request.cancel`: one thread steps it
+(the server's engine thread, or the CLI's own loop through `run`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterator
+
+import numpy as np
+
+from fermi.errors import ContextOverflow, FermiError
+from fermi.sampling import SamplingParams
+
+from .output import Output
+from .records import Delta, Done
+from .request import QueueFull, Request
+from .slots import SlotStore, common_prefix
+
+log = logging.getLogger("fermi.serving")
+
+PREFILL_BUDGET = 256  # prompt tokens prefilled per step, all requests together
+
+
+class Scheduler:
+    def __init__(self, engine, slots: int = 1, queue_max: int = 64, prefill_budget: int = PREFILL_BUDGET,
+                 ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+        """engine: what the core needs of a loaded model: runtime, tokenizer, eos_ids,
+        context_length (fermi.engine.Engine, or a fake one in tests)."""
+        if slots < 1:
+            raise FermiError(f"the KV cache needs at least 1 slot, not {slots}")
+        if queue_max < 0:
+            raise FermiError(f"the queue limit must be >= 0, not {queue_max}")
+        if prefill_budget < 1:
+            raise FermiError(f"the prefill budget must be >= 1 token, not {prefill_budget}")
+        self.engine, self.runtime = engine, engine.runtime
+        self.max_len = engine.context_length
+        self.cache = self.runtime.new_cache(slots, self.max_len)
+        self.slots = SlotStore(slots, ttl_s, clock)
+        self.queue_max, self.prefill_budget = queue_max, prefill_budget
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admitted, in admission order (settles included)
+        self.lock = threading.Condition()
+        self.steps = 0
+
+    # --- any thread
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request. Raises ContextOverflow (the prompt leaves no room),
+        QueueFull (nothing queued), FermiError (bad values)."""
+        if not request.ids:
+            raise FermiError("the prompt is empty")
+        if len(request.ids) >= self.max_len:
+            raise ContextOverflow(len(request.ids), self.max_len)
+        if request.max_tokens < 0:
+            raise FermiError(f"max_tokens must be >= 0, not {request.max_tokens}")
+        request.max_tokens = min(request.max_tokens, self.max_len - len(request.ids))
+        with self.lock:
+            waiting = self.queued()
+            # The slots the first waiting ones will take: free ones, and those settling (a step's work).
+            free = sum(not s.busy for s in self.slots.slots) + sum(r.settle for r in self.running)
+            if waiting >= self.queue_max + free:
+                raise QueueFull(waiting)
+            self.waiting.append(request)
+            self.lock.notify_all()
+        return request
+
+    def queued(self) -> int:
+        return sum(not r.cancelled for r in self.waiting)
+
+    def active(self) -> int:
+        return sum(not r.settle and not r.cancelled for r in self.running)
+
+    @property
+    def busy(self) -> bool:
+        """Work to do: something waits or runs (or was cancelled and must be told)."""
+        return bool(self.running or self.waiting)
+
+    def cancel_all(self) -> None:
+        with self.lock:
+            for r in list(self.waiting) + self.running:
+                r.cancel()
+            self.lock.notify_all()
+
+    # --- the stepping thread
+
+    def step(self) -> None:
+        self.steps += 1
+        self.reap()
+        self._admit()
+        rows, logits = [], []
+        for r, lg in self._prefill():
+            rows.append(r)
+            logits.append(lg)
+        decoding = [r for r in self.running if r.state == "decode"]
+        if decoding:
+            try:
+                logits.append(self.runtime.decode([r.pending for r in decoding], self.cache,
+                                                  [r.slot for r in decoding]))
+                rows += decoding
+            except Exception as e:  # noqa: BLE001 - the batch fails, the scheduler goes on
+                log.exception("decode failed")
+                for r in decoding:
+                    self._fail(r, e)
+        if rows:
+            self._sample(rows, logits)
+
+    def reap(self) -> None:
+        """Cancelled requests leave now: waiting ones are told, running ones end with
+        Done("cancelled") and free their slot."""
+        with self.lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            r.state = "done"
+            self._send(r, self._done(r, "cancelled"))
+        for r in [r for r in self.running if r.cancelled and not r.settle]:
+            self._finish(r, "cancelled")
+
+    def run(self, request: Request) -> Iterator[Delta | Done]:
+        """Submit `request` and step until it is done, yielding its records as they
+        come: the synchronous driver of the CLI (one thread, no engine thread). A
+        consumer that stops early (Ctrl-C, close) cancels the request, which leaves
+        its slot consistent."""
+        out: deque = deque()
+        request.sink = out.append
+        self.submit(request)
+        try:
+            while True:
+                while out:
+                    item = out.popleft()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if isinstance(item, Done):
+                        return
+                self.step()
+        finally:
+            if not request.finished:
+                request.cancel()
+                request.sink = None
+                self.reap()
+
+    def reset(self) -> None:
+        """Forget every kept prefix (nothing may be running)."""
+        for s in self.slots.slots:
+            s.ids = []
+            self.cache.truncate(s.index, 0)
+
+    # --- admission
+
+    def _admit(self) -> None:
+        settling = {r.slot for r in self.running if r.settle}
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    return
+                r = self.waiting[0]
+                slot = self.slots.choose(r.ids, settling)
+                if slot is None:
+                    return  # first come, first served: the head waits for its slot
+                self.waiting.popleft()
+            self._start(r, slot)
+
+    def _start(self, r: Request, slot) -> None:
+        self.slots.acquire(slot)
+        r.slot, r.started = slot.index, time.perf_counter()
+        # At least one prompt token is prefilled: its logits give the first token.
+        r.cached = r.prefilled = min(common_prefix(slot.ids, r.ids), len(r.ids) - 1)
+        self.cache.truncate(slot.index, r.cached)
+        slot.ids = slot.ids[:r.cached]
+        try:
+            r.output = Output(self.engine.tokenizer, self.engine.eos_ids, r.max_tokens, r.stop, r.in_reasoning,
+                              r.keep_reasoning, r.params.logprobs is not None)
+            r.sampler = self.runtime.sampler(r.params, r.ids)
+        except Exception as e:  # noqa: BLE001 - this request fails alone
+            self._fail(r, e)
+            return
+        r.state = "prefill"
+        self.running.append(r)
+        if r.max_tokens == 0:
+            self._finish(r, "length")
+
+    # --- prefill, sampling, records
+
+    def _prefill(self) -> list[tuple[Request, object]]:
+        """Chunks of the prompts being prefilled, oldest first, under the budget.
+        Returns the requests whose prompt is now in full, with the last position's logits."""
+        ready, budget = [], self.prefill_budget
+        # Settles first: a conversation's next turn may be waiting for its slot.
+        for r in sorted((r for r in self.running if r.state == "prefill"), key=lambda r: not r.settle):
+            if budget <= 0:
+                break
+            # A settle needs no logits, so it prefills all its tokens; a request keeps its last for the end.
+            n = min(budget, len(r.ids) - r.prefilled)
+            try:
+                lg = self.runtime.prefill(r.ids[r.prefilled:r.prefilled + n], self.cache, r.slot)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                if not isinstance(e, FermiError):
+                    log.exception("prefill failed")
+                self._fail(r, e)
+                continue
+            r.prefilled += n
+            budget -= n
+            if r.prefilled == len(r.ids):
+                if r.settle:
+                    self._release(r)
+                else:
+                    r.state = "sample"
+                    ready.append((r, lg))
+        return ready
+
+    def _sample(self, rows: list[Request], logits: list) -> None:
+        masks = self._masks(rows)
+        keep = [i for i, r in enumerate(rows) if r.state != "done"]  # a mask may have failed its request
+        try:
+            samples = self.runtime.sample(logits, [r.sampler for r in rows], masks)
+        except Exception as e:  # noqa: BLE001
+            log.exception("sampling failed")
+            for i in keep:
+                self._fail(rows[i], e)
+            return
+        now = time.perf_counter()
+        for i in keep:
+            r, sample = rows[i], samples[i]
+            r.first_at = r.first_at or now
+            try:
+                for m in r.masks:
+                    m.accept(sample.token)
+                records, finish = r.output.feed(sample)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                log.exception("output processing failed")
+                self._fail(r, e)
+                continue
+            for rec in records:
+                self._send(r, rec)
+            if finish is None and self.cache.lengths[r.slot] >= self.max_len:
+                finish = "length"  # the context is full: no room to feed the token back
+            if finish is not None or r.cancelled:
+                self._finish(r, finish or "cancelled")
+            else:
+                r.pending, r.state = sample.token, "decode"
+
+    def _masks(self, rows: list[Request]):
+        """The batch's token bitmask [rows, words], or None when no row has a mask;
+        a row whose masks allow nothing fails its request."""
+        if not any(r.masks for r in rows):
+            return None
+        words = -(-self.runtime.config.vocab_size // 32)
+        masks = np.full((len(rows), words), -1, dtype=np.int32)
+        for i, r in enumerate(rows):
+            try:
+                for m in r.masks:
+                    row = np.full(words, -1, dtype=np.int32)
+                    m.fill(row)
+                    masks[i] &= row
+                if r.masks and not masks[i].any():
+                    raise FermiError("the token mask allows no token: the constraint cannot be met")
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                self._fail(r, e)
+                masks[i] = -1  # the row is sampled and dropped
+        return masks
+
+    def _send(self, r: Request, item) -> None:
+        if r.sink is None:
+            return
+        try:
+            r.sink(item)
+        except Exception:  # noqa: BLE001 - a consumer gone (its loop closed): it leaves
+            log.debug("a sink failed; cancelling its request", exc_info=True)
+            r.sink = None
+            r.cancel()
+
+    def _done(self, r: Request, finish: str) -> Done:
+        end = time.perf_counter()
+        generated = r.output.generated if r.output else []
+        first = r.first_at or end
+        started = r.started or end
+        n = len(generated)
+        return Done(
+            finish_reason=finish, prompt_tokens=len(r.ids), completion_tokens=n, cached_tokens=r.cached,
+            ttft=first - r.submitted,
+            decode_tps=(n - 1) / (end - first) if n > 1 and end > first else 0.0,
+            prefill_tps=(len(r.ids) - r.cached) / (first - started) if first > started else 0.0,
+            tokens=list(generated), logprobs=r.output.samples if r.output else [],
+        )
+
+    def _finish(self, r: Request, finish: str) -> None:
+        """Flush its output, send Done, and hand its slot on (settled to the
+        conversation's next turn when the request says how)."""
+        try:
+            records, finish = r.output.close(finish)
+        except Exception as e:  # noqa: BLE001
+            self._fail(r, e)
+            return
+        for rec in records:
+            self._send(r, rec)
+        self._send(r, self._done(r, finish))
+        r.state = "done"
+        nxt = None
+        if finish != "cancelled" and r.next_turn is not None:
+            try:
+                nxt = r.next_turn("".join(r.output.content))
+            except Exception:  # noqa: BLE001 - only the next request's speed is at stake
+                log.exception("could not render the next turn")
+        self._release(r)
+        if nxt and len(nxt) < self.max_len:
+            self._settle(self.slots[r.slot], nxt)
+
+    def _settle(self, slot, ids: list[int]) -> None:
+        """Bring a free slot's cache to `ids`: keep the common prefix, prefill the
+        rest in the next steps (the slot is held meanwhile)."""
+        keep = common_prefix(slot.ids, ids)
+        if keep == len(ids) == len(slot.ids):
+            return
+        self.cache.truncate(slot.index, keep)
+        slot.ids = slot.ids[:keep]
+        if keep == len(ids):
+            return
+        s = Request(ids, SamplingParams(), 0)
+        s.settle, s.state, s.slot, s.prefilled, s.cached = True, "prefill", slot.index, keep, keep
+        self.slots.acquire(slot)
+        self.running.append(s)
+
+    def _release(self, r: Request) -> None:
+        """The slot keeps what its cache holds: the truth may be a step more or less
+        than what was sent."""
+        if r in self.running:
+            self.running.remove(r)
+        r.state = "done"
+        if r.slot is None:
+            return
+        held = self.cache.lengths[r.slot]
+        generated = r.output.generated if r.output else []
+        self.slots.release(self.slots[r.slot], (r.ids + generated)[:held])
+
+    def _fail(self, r: Request, e: BaseException) -> None:
+        """This request ends with `e` (its consumer gets the exception); its slot
+        starts over, its cache no longer trusted."""
+        if not isinstance(e, FermiError):
+            e = FermiError(f"generation failed: {type(e).__name__}: {e}")
+        if r in self.running:
+            self.running.remove(r)
+        r.state = "done"
+        if r.slot is not None:
+            self.cache.truncate(r.slot, 0)
+            self.slots.release(self.slots[r.slot], [])
+        self._send(r, e)
