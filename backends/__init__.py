@@ -9,7 +9,9 @@ Each backend package (`fermi.backends.torch`, `fermi.backends.mlx`) exposes:
     load(model: ModelFiles, dtype: str | None = None, quantize: int | None = None) -> Runtime
 
 A Runtime (see `Runtime` below) holds the weights on the device and offers
-`new_cache`, `prefill`, `decode`, `sampler`, `stream` and `to_numpy`.
+`new_cache`, `prefill`, `decode`, `sampler`, `sample`, `stream` and `to_numpy`.
+The serving core (fermi.serving) drives them: a cache of N slots, prefills and
+one decode over the active slots a step, one `sample` over the rows.
 
 Cache contract: `cache.lengths[slot]` is the number of positions of sequence
 `slot` whose keys and values the cache holds. `prefill`/`decode` write at
@@ -88,6 +90,12 @@ class Runtime(Protocol):
         ...
 
     def sampler(self, params: SamplingParams, prompt_ids: Sequence[int]) -> Sampler: ...
+
+    def sample(self, logits: list, rows: Sequence[Sampler], masks=None) -> list[Sample]:
+        """The serving core's one batched sampling call a step: `logits` as prefill and
+        decode returned them ([vocab] or [n, vocab] each, concatenated in order), one
+        sampler state per row; masks as in `sample_batch`."""
+        ...
 
     def stream(self, ids: Sequence[int], cache: Cache, slot: int, sampler: Sampler) -> Iterator[Sample]:
         """Prefill `ids` (the part of the prompt not yet in the cache), then sample and

@@ -126,34 +126,41 @@ def test_stream_greedy_follows_reference(rt, model):
 
 @pytest.mark.parametrize("slots", [(0,), (1, 0), (0, 2)])
 def test_torch_graph_step_matches_reference(model, slots):
-    """The decode step a CUDA graph records (graphs.static_step: ids and positions read
-    from tensors, attention over the cache's whole capacity with the rest masked) gives
-    the reference's logits. Run eagerly here, so a CPU checks it too; on a GPU every
+    """The decode step a CUDA graph records (graphs.static_step: ids, positions and slots
+    read from tensors, attention over the cache's whole capacity with the rest masked,
+    the batch padded with a row that writes into the cache's spare slot) gives the
+    reference's logits. Run eagerly here, so a CPU checks it too; on a GPU every
     decode in this file goes through the recorded graphs."""
     import torch
 
     from fermi.backends.torch import graphs
+    from fermi.backends.torch.cache import KVCache
 
     rt = tiny.backend_module("torch").load(model.files, dtype="float32")
     seqs = [tokens(n + 4, seed=20 + n) for n in (9, 15)[:len(slots)]]
-    cache = rt.new_cache(batch=3)
+    c = rt.config
+    cache = KVCache(c.num_hidden_layers, 3, c.num_key_value_heads, c.head_dim, c.max_position_embeddings,
+                    torch.float32, rt.torch_device, spare=1)
     for seq, slot in zip(seqs, slots):
         rt.prefill(seq[:-4], cache, slot)
     device = rt.torch_device
     with torch.inference_mode():
         for step in range(4):
             n = [len(seq) - 4 + step for seq in seqs]  # each row's position
-            ids = torch.tensor([[seq[p]] for seq, p in zip(seqs, n)], device=device)
-            logits = graphs.static_step(rt.model, cache, list(slots), ids, torch.tensor(n, device=device),
-                                        torch.tensor(slots, device=device))
+            ids, positions, rows = graphs.padded([seq[p] for seq, p in zip(seqs, n)], n, list(slots),
+                                                 len(slots) + 1, cache.batch)
+            assert rows[-1] == 3  # the pad writes into the spare slot
+            logits = graphs.static_step(rt.model, cache, torch.tensor(ids, device=device).view(-1, 1),
+                                        torch.tensor(positions, device=device), torch.tensor(rows, device=device))
             for row, (seq, p) in enumerate(zip(seqs, n)):
                 close(rt, logits[row], model.reference(seq[:p + 1])[p])
     assert cache.capacity > max(len(s) for s in seqs)  # the masked tail was read
+    assert [graphs.bucket(n) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 16]
 
 
 def test_torch_cuda_graph_decode_equals_eager(model):
     """On a GPU, decode replays recorded graphs: the same logits as the eager step,
-    one graph per cache and set of slots, recorded again when the cache grows."""
+    one graph per cache and padded batch size, recorded again when the cache grows."""
     import torch
 
     if not torch.cuda.is_available():
@@ -173,9 +180,19 @@ def test_torch_cuda_graph_decode_equals_eager(model):
                                           rt.decode([ids[50 + i]], b, [0])]))
                    for i in range(24)]  # a grows past 256 on the way
     a, b = caches[graphed]
-    assert set(a.steps) == {(0,), (1, 0)} and set(b.steps) == {(0,)}
+    assert set(a.steps) == {1, 2} and set(b.steps) == {1}
     scale = np.abs(np.array(got[eager])).max()
     assert np.abs(np.array(got[graphed]) - np.array(got[eager])).max() <= 2e-2 * scale
+    # Three rows of a batch of four replay the graph of four, one row padding.
+    padded = {}
+    for rt in (graphed, eager):
+        c = rt.new_cache(batch=4)
+        for slot, n in ((3, 30), (0, 12), (2, 50)):
+            rt.prefill(ids[:n], c, slot)
+        padded[rt] = [rt.to_numpy(rt.decode([ids[i], ids[i + 1], ids[i + 2]], c, [3, 0, 2])) for i in range(8)]
+        if rt is graphed:
+            assert set(c.steps) == {4}
+    assert np.abs(np.array(padded[graphed]) - np.array(padded[eager])).max() <= 2e-2 * scale
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])

@@ -367,3 +367,27 @@ def test_stop_strings_and_eos():
     recs = list(s.run(r))
     assert recs[-1].finish_reason == "stop" and recs[-1].completion_tokens == 3
     assert "".join(x.text for x in recs[:-1]) == "".join(f"<{t}>" for t in expected([1], 2))
+
+
+def test_settles_wait_for_idle_time_and_give_way_to_new_requests():
+    s = core(slots=2)
+    a, _ = req([1, 2, 3], 2, next_turn=lambda reply: [1, 2, 3, 40, 41, 42])
+    b, gb = req([9, 9], 30)
+    s.submit(a)
+    s.submit(b)
+    for _ in range(4):
+        s.step()
+    # a is done; its settle waits while b decodes, holding a's slot
+    settle = [r for r in s.running if r.settle]
+    assert a.finished and len(settle) == 1 and settle[0].prefilled == 3 and s.slots[a.slot].busy
+    c, gc = req([7, 7, 7], 2)  # needs a slot: the settle gives way
+    s.submit(c)
+    s.step()
+    assert c.slot == a.slot and not any(r.settle for r in s.running)
+    run_all(s)
+    assert done(gc).tokens == expected([7, 7, 7], 2) and done(gb).tokens == expected([9, 9], 30)
+    # With nothing else to do, a settle runs
+    d, _ = req([5, 5], 1, next_turn=lambda reply: [5, 5, 60, 61])
+    s.submit(d)
+    run_all(s)
+    assert s.slots[d.slot].ids == [5, 5, 60, 61]

@@ -4,6 +4,7 @@ thinking on/off/auto has an effect on a model that does not think by itself)."""
 
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ ASK = [{"role": "user", "content": "Name three colours."}]
 
 @pytest.fixture(scope="module")
 def server():
-    with Server(template=QWEN3_STYLE) as s:
+    with Server("--parallel", "8", template=QWEN3_STYLE) as s:
         yield s
 
 
@@ -184,6 +185,26 @@ def test_second_turn_reports_cached_tokens(client):
     # settle after turn one makes the whole history reusable.
     assert cached >= first.usage.prompt_tokens
     assert second.usage.prompt_tokens - cached < 20  # the new user message and its framing
+
+
+def test_eight_streaming_clients_at_once_each_get_their_solo_answer(server, client):
+    questions = ["Name a fruit.", "Name a colour.", "Name an animal.", "Name a city.", "What is 2 + 2?",
+                 "Say hello.", "Name a planet.", "Name a tree."]
+
+    def ask(q):
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"thinking": "off"})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens, (chunks[0], chunks[-1])
+
+    alone = [ask(q)[:2] for q in questions]
+    with ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(ask, questions))
+    assert [t[:2] for t in together] == alone
+    assert all(text for text, _ in alone)
+    assert httpx.get(server.url("/health")).json()["slots"] == 8
 
 
 # --- disconnects

@@ -56,11 +56,13 @@ def consecutive(slots: list[int]) -> slice | None:
 
 class KVCache:
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int,
-                 max_len: int, dtype: torch.dtype, device: torch.device):
+                 max_len: int, dtype: torch.dtype, device: torch.device, spare: int = 0):
+        """spare: rows beyond the batch's slots that no sequence reads (row `batch`
+        takes the writes of the rows that pad a CUDA graph's batch; graphs.py)."""
         self.batch = batch
         self.max_len = max_len
         self.lengths = [0] * batch
-        self._shape = (batch, n_kv_heads, 0, head_dim)
+        self._shape = (batch + spare, n_kv_heads, 0, head_dim)
         self._dtype, self._device = dtype, device
         self.k = [self._empty(0) for _ in range(n_layers)]
         self.v = [self._empty(0) for _ in range(n_layers)]

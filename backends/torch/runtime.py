@@ -39,7 +39,8 @@ class TorchRuntime:
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
-                       max_len or c.max_position_embeddings, DTYPES[self.compute], self.torch_device)
+                       max_len or c.max_position_embeddings, DTYPES[self.compute], self.torch_device,
+                       spare=1 if self.cuda_graphs else 0)
 
     @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache, slot: int = 0, all_logits: bool = False):

@@ -63,6 +63,7 @@ class Scheduler:
         self.running: list[Request] = []  # admitted, in admission order (settles included)
         self.lock = threading.Condition()
         self.steps = 0
+        self.wanted: set[int] = set()  # settling slots a waiting request waits for
 
     # --- any thread
 
@@ -136,8 +137,11 @@ class Scheduler:
         for r in gone:
             r.state = "done"
             self._send(r, self._done(r, "cancelled"))
-        for r in [r for r in self.running if r.cancelled and not r.settle]:
-            self._finish(r, "cancelled")
+        for r in [r for r in self.running if r.cancelled]:
+            if r.settle:
+                self._release(r)
+            else:
+                self._finish(r, "cancelled")
 
     def run(self, request: Request) -> Iterator[Delta | Done]:
         """Submit `request` and step until it is done, yielding its records as they
@@ -164,7 +168,9 @@ class Scheduler:
                 self.reap()
 
     def reset(self) -> None:
-        """Forget every kept prefix (nothing may be running)."""
+        """Forget every kept prefix (no request may be running; settles are dropped)."""
+        for r in [r for r in self.running if r.settle]:
+            self._release(r)
         for s in self.slots.slots:
             s.ids = []
             self.cache.truncate(s.index, 0)
@@ -173,14 +179,23 @@ class Scheduler:
 
     def _admit(self) -> None:
         settling = {r.slot for r in self.running if r.settle}
+        self.wanted = set()
         while True:
             with self.lock:
                 if not self.waiting:
                     return
                 r = self.waiting[0]
                 slot = self.slots.choose(r.ids, settling)
-                if slot is None:
-                    return  # first come, first served: the head waits for its slot
+                if slot is None:  # first come, first served: the head waits for its slot...
+                    self.wanted = {s.index for s in self.slots.slots if s.index in settling
+                                   and common_prefix(s.ids, r.ids) > 0}  # ...settled first
+                    if self.wanted or not settling:
+                        return
+                    # ...or takes one whose settle has not run yet: a slot is worth more now.
+                    settle = next(x for x in self.running if x.settle)
+                    self._release(settle)
+                    settling.discard(settle.slot)
+                    continue
                 self.waiting.popleft()
             self._start(r, slot)
 
@@ -209,10 +224,14 @@ class Scheduler:
         """Chunks of the prompts being prefilled, oldest first, under the budget.
         Returns the requests whose prompt is now in full, with the last position's logits."""
         ready, budget = [], self.prefill_budget
-        # Settles first: a conversation's next turn may be waiting for its slot.
-        for r in sorted((r for r in self.running if r.state == "prefill"), key=lambda r: not r.settle):
+        # Settles run in time nothing else wants, unless a request waits for that slot
+        # (then first): they only speed up a next turn that may never come.
+        idle = not any(r.state in ("prefill", "decode") and not r.settle for r in self.running)
+        for r in sorted((r for r in self.running if r.state == "prefill"), key=lambda r: r.slot not in self.wanted):
             if budget <= 0:
                 break
+            if r.settle and not idle and r.slot not in self.wanted:
+                continue
             # A settle needs no logits, so it prefills all its tokens; a request keeps its last for the end.
             n = min(budget, len(r.ids) - r.prefilled)
             try:
