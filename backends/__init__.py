@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol, Sequence
 
+import numpy as np
+
 from fermi.errors import ContextOverflow, FermiError
 from fermi.sampling import SamplingParams
 
@@ -104,6 +106,15 @@ class Runtime(Protocol):
         ...
 
     def to_numpy(self, x: Any): ...
+
+
+def empty_mask_rows(masks: np.ndarray, vocab: int) -> list[int]:
+    """Rows of a bitmask that allow no token below `vocab`, checked on the host (no
+    device sync): the bits of the last word past the vocabulary do not count."""
+    words = np.ascontiguousarray(masks, dtype=np.int32).view(np.uint32)[:, : -(-vocab // 32)].copy()
+    if vocab % 32 and words.shape[1] == -(-vocab // 32):
+        words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
+    return np.flatnonzero(~words.any(axis=1)).tolist()
 
 
 GROW_STEP = 256  # KV caches grow in steps of this many positions

@@ -62,17 +62,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default max(512, tokens + 256))")
 
 
-def engine_list(text: str) -> list[str]:
+def engine_list(text: str, engines=ENGINES, groups=GROUPS, prog: str = "bench") -> list[str]:
+    """Comma-separated engine names and group names -> the engines, in order, once each."""
     names: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        if part in GROUPS:
-            names += GROUPS[part]
-        elif part in ENGINES:
+        if part in groups:
+            names += groups[part]
+        elif part in engines:
             names.append(part)
         else:
-            raise SystemExit(f"bench: unknown engine '{part}' (engines: {', '.join(ENGINES)}; groups: {', '.join(GROUPS)})")
+            raise SystemExit(f"{prog}: unknown engine '{part}' (engines: {', '.join(engines)}; "
+                             f"groups: {', '.join(groups)})")
     return list(dict.fromkeys(names))
 
 

@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from . import report
+
 ENGINES = ("fermi", "llama-server", "llama-batched-bench")
 GROUPS = {"all": list(ENGINES), "fermi": ["fermi"], "peers": ["llama-server", "llama-batched-bench"]}
 TARGET_CLIENTS = 8  # the targets compare the aggregate at 8 clients
@@ -60,18 +62,9 @@ def prompt(i: int) -> str:
 
 
 def engine_list(text: str) -> list[str]:
-    names: list[str] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        if part in GROUPS:
-            names += GROUPS[part]
-        elif part in ENGINES:
-            names.append(part)
-        else:
-            raise SystemExit(f"bench concurrency: unknown engine '{part}' (engines: {', '.join(ENGINES)}; "
-                             f"groups: {', '.join(GROUPS)})")
-    return list(dict.fromkeys(names))
+    from .__main__ import engine_list as pick
+
+    return pick(text, ENGINES, GROUPS, "bench concurrency")
 
 
 def client_counts(text: str) -> list[int]:
@@ -500,44 +493,12 @@ def tables(out: dict) -> list[tuple[str, list[str], list[list[str]], list[str]]]
     return out_tables
 
 
-def header(out: dict) -> list[str]:
-    from .report import describe_machine
-
-    m = out["model"]
-    return [f"$ {out['command']}", f"{out['date']} · {describe_machine(out['machine'])}",
-            f"model: {m['title']}, {m['file_bytes'] / (1 << 20):.0f} MiB file"]
-
-
 def print_rich(out: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    console.width = max(console.width, 170)
-    for line in header(out):
-        console.print(line, highlight=False, markup=False)
-    for title, headers, rows, notes in tables(out):
-        t = Table(title=title, title_justify="left")
-        for i, h in enumerate(headers):
-            t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)
-        for row in rows:
-            t.add_row(*row)
-        console.print(t)
-        for n in notes:
-            console.print(n, highlight=False, markup=False, style="dim")
+    report.print_rich(out, tables, width=170)
 
 
 def markdown(out: dict) -> str:
-    lines = [f"`{out['command']}`", "", f"{out['date']} · {header(out)[1].split(' · ', 1)[1]}", ""]
-    for title, headers, rows, notes in tables(out):
-        lines += [f"**{title}**", "", "| " + " | ".join(headers) + " |",
-                  "|" + "|".join([" --- "] + [" ---: "] * (len(headers) - 1)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        lines.append("")
-        lines += [f"- {n}" for n in notes]
-        if notes:
-            lines.append("")
-    return "\n".join(lines)
+    return report.markdown(out, tables)
 
 
 def run(args) -> int:

@@ -205,15 +205,16 @@ def header(out: dict) -> list[str]:
             f"model: {m['title']}, {m['file_bytes'] / MIB:.0f} MiB file"]
 
 
-def print_rich(out: dict) -> None:
+def print_rich(out: dict, made=None, width: int = 150) -> None:
+    """The tables (`made(out)`, default this module's `tables`) on the terminal."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.width = max(console.width, 150)  # a pipe or a narrow terminal must not squeeze the columns
+    console.width = max(console.width, width)  # a pipe or a narrow terminal must not squeeze the columns
     for line in header(out):
         console.print(line, highlight=False, markup=False)
-    for title, headers, rows, notes in tables(out):
+    for title, headers, rows, notes in (made or tables)(out):
         if headers:
             t = Table(title=title or None, title_justify="left")
             for i, h in enumerate(headers):
@@ -225,9 +226,9 @@ def print_rich(out: dict) -> None:
             console.print(n, highlight=False, markup=False, style="dim")
 
 
-def markdown(out: dict) -> str:
+def markdown(out: dict, made=None) -> str:
     lines = [f"`{out['command']}`", "", f"{out['date']} · {describe_machine(out['machine'])}", ""]
-    for title, headers, rows, notes in tables(out):
+    for title, headers, rows, notes in (made or tables)(out):
         if headers:
             if title:
                 lines += [f"**{title}**", ""]

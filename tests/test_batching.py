@@ -127,3 +127,28 @@ def test_a_token_mask_constrains_its_own_row(backend):
     a, b = run_batch(eng.scheduler(2), [masked, free])
     assert a.completion_tokens == 6 and set(a.tokens) <= set(allowed) and mask.chosen == a.tokens
     assert b.tokens == alone
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_prompts_prefilled_together_match_the_reference(backend, tiny_models, arch):
+    """prefill_batch: several slots, each at its own start, chunks of different
+    lengths (padded) in one forward give each row the reference's logits, and the
+    cache then decodes as if each had been prefilled alone."""
+    model = tiny_models[arch]
+    rt = tiny.backend_module(backend).load(model.files, dtype="float32")
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, tiny.VOCAB, n).tolist() for n in (30, 41, 25)]
+    cache = rt.new_cache(4, 512)
+    starts = [0, 12, 7]
+    for seq, slot, start in zip(seqs, (3, 0, 2), starts):
+        if start:
+            rt.prefill(seq[:start], cache, slot)
+    ends = [len(seq) - 1 for seq in seqs]  # the last token of each is decoded below
+    logits = rt.to_numpy(rt.prefill_batch([seq[a:b] for seq, a, b in zip(seqs, starts, ends)], cache, [3, 0, 2]))
+    assert [cache.lengths[s] for s in (3, 0, 2)] == ends
+    step = rt.to_numpy(rt.decode([seq[-1] for seq in seqs], cache, [3, 0, 2]))
+    for i, seq in enumerate(seqs):
+        ref = model.reference(seq)
+        scale = np.abs(ref).max()
+        assert np.abs(logits[i] - ref[ends[i] - 1]).max() <= 1e-4 * scale
+        assert np.abs(step[i] - ref[-1]).max() <= 1e-4 * scale

@@ -56,6 +56,10 @@ class FakeRuntime:
         cache.lengths[slot] += len(ids)
         return [ids[-1]]
 
+    def prefill_batch(self, chunks, cache, slots):
+        self.calls.append(("batch", len(chunks)))
+        return [self.prefill(c, cache, s) for c, s in zip(chunks, slots)]
+
     def decode(self, tokens, cache, slots):
         self.calls.append(("decode", tuple(slots)))
         for s in slots:
@@ -391,3 +395,53 @@ def test_settles_wait_for_idle_time_and_give_way_to_new_requests():
     s.submit(d)
     run_all(s)
     assert s.slots[d.slot].ids == [5, 5, 60, 61]
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_forward():
+    s = core(slots=4, prefill_budget=64)
+    for p in ([1] * 10, [2] * 20, [3] * 5):
+        s.submit(req(p, 1)[0])
+    long, _ = req([4] * 100, 1)
+    s.submit(long)
+    s.step()  # budget 64: 10 + 20 + 5 and 29 of the long one, all in one forward (4 x 29 <= 2 x 64)
+    assert [c for c in s.runtime.calls if c[0] == "batch"] == [("batch", 4)]
+    assert long.prefilled == 29
+    s = core(slots=3, prefill_budget=80)
+    for p in ([1] * 60, [2] * 5, [3] * 5):
+        s.submit(req(p, 1)[0])
+    s.step()  # padded to 60, three rows would be 180 > 160: the last goes on its own
+    assert [c for c in s.runtime.calls if c[0] == "batch"] == [("batch", 2), ("batch", 1)]
+
+
+def test_a_request_waits_for_a_settle_only_when_the_settle_helps_it():
+    s = core(slots=2)
+    turn = [1, 2, 3, 4]
+    nxt = turn + [40, 41, 42, 43]
+    a, _ = req(turn, 3, next_turn=lambda reply: nxt)
+    busy, _ = req([9, 9], 40)
+    s.submit(a)
+    s.submit(busy)
+    for _ in range(4):
+        s.step()
+    assert [r.ids for r in s.running if r.settle] == [nxt]  # waits: b decodes
+    again, g = req(turn, 2)  # a regeneration: the settle would not help it
+    s.submit(again)
+    s.step()
+    assert again.slot == a.slot and not any(r.settle for r in s.running)
+    run_all(s)
+    assert done(g).cached_tokens == len(turn) - 1
+    s2 = core(slots=2)
+    a, _ = req(turn, 3, next_turn=lambda reply: nxt)
+    busy, _ = req([9, 9], 40)
+    s2.submit(a)
+    s2.submit(busy)
+    for _ in range(4):
+        s2.step()
+    follow, g = req(nxt + [50, 51], 1)  # the next turn: worth the wait
+    s2.submit(follow)
+    s2.step()  # the settle runs first, though another request decodes...
+    assert follow.slot is None and not any(r.settle for r in s2.running)
+    s2.step()  # ...and the next turn takes its slot
+    assert follow.slot == a.slot and s2.slots[a.slot].ids[:len(nxt)] == nxt
+    run_all(s2)
+    assert done(g).cached_tokens == len(nxt)

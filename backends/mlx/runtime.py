@@ -55,6 +55,19 @@ class MLXRuntime:
                 mx.eval(cache.state)  # run this chunk now: one chunk's graph at a time
         return mx.concatenate(outs) if len(outs) > 1 else outs[0]
 
+    def prefill_batch(self, chunks: list[list[int]], cache: KVCache, slots: list[int]) -> mx.array:
+        """Several slots' next prompt tokens in one forward (each chunk at most
+        PREFILL_CHUNK long). -> logits of each chunk's last position, [n, vocab]."""
+        length = max(len(c) for c in chunks)
+        if len(chunks) == 1 or max(cache.lengths[s] for s in slots) + length > cache.max_len:
+            return mx.stack([self.prefill(c, cache, s) for c, s in zip(chunks, slots)])
+        ids = mx.array([c + [0] * (length - len(c)) for c in chunks])
+        # The shorter chunks are padded: what they write past their end is never read.
+        h = self.net.hidden(ids, cache.span(list(slots), length))
+        for s, c in zip(slots, chunks):
+            cache.lengths[s] += len(c)
+        return self.net.logits(h[mx.arange(len(chunks)), mx.array([len(c) - 1 for c in chunks])])
+
     def decode(self, tokens: Sequence[int] | mx.array, cache: KVCache, slots: Sequence[int]) -> mx.array:
         """One new token per slot; logits [len(slots), vocab]. Tokens may be a lazy
         mx.array (the stream feeds back the sampled token before reading it)."""

@@ -20,7 +20,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from fermi.backends import Sample
+from fermi.backends import Sample, empty_mask_rows
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
@@ -50,15 +50,6 @@ def unpack_mask(masks: np.ndarray, vocab: int):
     if bits.shape[1] < vocab:
         bits = mx.pad(bits, [(0, 0), (0, vocab - bits.shape[1])])
     return bits != 0
-
-
-def empty_mask_rows(masks: np.ndarray, vocab: int) -> list[int]:
-    """Rows of a bitmask that allow no token below `vocab`, checked on the host (no
-    device sync): the bits of the last word past the vocabulary do not count."""
-    words = np.ascontiguousarray(masks, dtype=np.int32).view(np.uint32)[:, : -(-vocab // 32)].copy()
-    if vocab % 32 and words.shape[1] == -(-vocab // 32):
-        words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
-    return np.flatnonzero(~words.any(axis=1)).tolist()
 
 
 def mix32(x):

@@ -22,8 +22,9 @@ class Span:
 
     - every row writes `length` positions from `start` (prefill, or a decode whose
       sequences all have the same length): `positions` is None;
-    - one token per row at its own position (`positions`, [n]), written through
-      `index` (the rows as a tensor) so row i pairs with positions[i].
+    - each row at positions of its own (`positions`: [n] for one token a row, or
+      [n, length] for several prompts prefilled together), written through `index`
+      (the rows as a tensor) so row i pairs with positions[i].
     """
 
     rows: slice | torch.Tensor  # the batch's cache rows; a slice reads back as a view
@@ -46,6 +47,18 @@ class Span:
             return cls(rows, positions[0], 1, end)
         index = rows if isinstance(rows, torch.Tensor) else torch.tensor(slots, device=device)
         return cls(rows, min(positions), 1, end, torch.tensor(positions, device=device), index)
+
+    @classmethod
+    def ragged(cls, slots: list[int], starts: list[int], length: int, device) -> "Span":
+        """Several prompts prefilled together, each `length` positions from its own
+        start (the shorter ones padded: what they write past their end is never read)."""
+        index = torch.tensor(slots, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        return cls(index, min(starts), length, max(starts) + length, positions, index)
+
+    def rows_positions(self) -> torch.Tensor:
+        """positions as [n, length]."""
+        return self.positions.view(self.positions.shape[0], -1)
 
 
 def consecutive(slots: list[int]) -> slice | None:
@@ -97,9 +110,11 @@ class KVCache:
             keys[span.rows, :, span.start:span.end] = k
             values[span.rows, :, span.start:span.end] = v
         else:
-            # Paired advanced indexing: row index[i] gets its token at positions[i].
-            keys[span.index, :, span.positions] = k[:, :, 0]
-            values[span.index, :, span.positions] = v[:, :, 0]
+            # Paired advanced indexing: row index[i] gets its tokens at positions[i]
+            # (the indexed dims come first: [n, length, heads, head_dim]).
+            pos = span.rows_positions()
+            keys[span.index[:, None], :, pos] = k.transpose(1, 2)
+            values[span.index[:, None], :, pos] = v.transpose(1, 2)
         return keys[span.rows, :, :span.end], values[span.rows, :, :span.end]
 
     def truncate(self, slot: int, n: int) -> None:

@@ -95,8 +95,9 @@ class Rotary:
         self.reserve(span.end)
         if span.positions is None:
             return self.cos[span.start:span.end], self.sin[span.start:span.end]  # [L, D]
-        n = span.positions.shape[0]
-        return self.cos[span.positions].view(n, 1, 1, -1), self.sin[span.positions].view(n, 1, 1, -1)
+        pos = span.rows_positions()  # [n, length]
+        n, length = pos.shape
+        return self.cos[pos].view(n, 1, length, -1), self.sin[pos].view(n, 1, length, -1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -107,9 +108,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_mask(span: Span, device) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for scaled_dot_product_attention: each query sees the keys
     at positions <= its own. A bool mask is True where attention is allowed."""
-    if span.positions is not None:  # one token per row, rows at different positions
+    if span.positions is not None:  # rows at different positions: each query its own
+        pos = span.rows_positions()  # [n, length]
         keys = torch.arange(span.end, device=device)
-        return (keys[None, :] <= span.positions[:, None]).view(-1, 1, 1, span.end), False
+        return (keys <= pos[:, :, None]).view(pos.shape[0], 1, pos.shape[1], span.end), False
     if span.length == 1:
         return None, False  # the one query is the newest position: it sees everything
     if span.start == 0:

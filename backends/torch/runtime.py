@@ -62,6 +62,22 @@ class TorchRuntime:
         return logits.float()
 
     @torch.inference_mode()
+    def prefill_batch(self, chunks: list[list[int]], cache: KVCache, slots: list[int]):
+        """Several slots' next prompt tokens in one forward (each chunk at most
+        PREFILL_CHUNK long). -> logits of each chunk's last position, [n, vocab]."""
+        length = max(len(c) for c in chunks)
+        starts = [cache.lengths[s] for s in slots]
+        if len(chunks) == 1 or max(starts) + length > cache.max_len:  # a padded row would pass the context
+            return torch.stack([self.prefill(c, cache, s) for c, s in zip(chunks, slots)])
+        cache.reserve(max(starts) + length)
+        x = torch.tensor([c + [0] * (length - len(c)) for c in chunks], dtype=torch.long, device=self.torch_device)
+        h = self.model(x, cache, Span.ragged(slots, starts, length, self.torch_device))
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.torch_device)
+        for s, c in zip(slots, chunks):
+            cache.lengths[s] += len(c)
+        return self.model.logits(h[torch.arange(len(chunks), device=self.torch_device), last]).float()
+
+    @torch.inference_mode()
     def decode(self, tokens: Sequence[int], cache: KVCache, slots: Sequence[int]):
         slots = list(slots)
         if not slots or len(tokens) != len(slots):

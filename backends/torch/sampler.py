@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fermi.backends import Sample
+from fermi.backends import Sample, empty_mask_rows
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
@@ -49,15 +49,6 @@ def unpack_mask(masks: np.ndarray, vocab: int, device) -> torch.Tensor:
     allowed = torch.zeros(words.shape[0], vocab, dtype=torch.bool, device=device)
     allowed[:, : bits.shape[1]] = bits
     return allowed
-
-
-def empty_mask_rows(masks: np.ndarray, vocab: int) -> list[int]:
-    """Rows of a bitmask that allow no token below `vocab`, checked on the host (no
-    device sync): the bits of the last word past the vocabulary do not count."""
-    words = np.ascontiguousarray(masks, dtype=np.int32).view(np.uint32)[:, : -(-vocab // 32)].copy()
-    if vocab % 32 and words.shape[1] == -(-vocab // 32):
-        words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
-    return np.flatnonzero(~words.any(axis=1)).tolist()
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from fermi.backends import empty_mask_rows
 from fermi.errors import ContextOverflow, FermiError
 from fermi.sampling import SamplingParams
 
@@ -187,14 +188,16 @@ class Scheduler:
                 r = self.waiting[0]
                 slot = self.slots.choose(r.ids, settling)
                 if slot is None:  # first come, first served: the head waits for its slot...
-                    self.wanted = {s.index for s in self.slots.slots if s.index in settling
-                                   and common_prefix(s.ids, r.ids) > 0}  # ...settled first
-                    if self.wanted or not settling:
+                    settles = {x.slot: x for x in self.running if x.settle}
+                    # ...settled first, when the settle makes more of its prompt reusable...
+                    self.wanted = {i for i, x in settles.items()
+                                   if common_prefix(x.ids, r.ids) > common_prefix(self.slots[i].ids, r.ids)}
+                    if self.wanted or not settles:
                         return
                     # ...or takes one whose settle has not run yet: a slot is worth more now.
-                    settle = next(x for x in self.running if x.settle)
-                    self._release(settle)
-                    settling.discard(settle.slot)
+                    both = [i for i in settles if common_prefix(self.slots[i].ids, r.ids)] or list(settles)
+                    self._release(settles[both[0]])
+                    settling.discard(both[0])
                     continue
                 self.waiting.popleft()
             self._start(r, slot)
@@ -223,7 +226,7 @@ class Scheduler:
     def _prefill(self) -> list[tuple[Request, object]]:
         """Chunks of the prompts being prefilled, oldest first, under the budget.
         Returns the requests whose prompt is now in full, with the last position's logits."""
-        ready, budget = [], self.prefill_budget
+        ready, work, budget = [], [], self.prefill_budget
         # Settles run in time nothing else wants, unless a request waits for that slot
         # (then first): they only speed up a next turn that may never come.
         idle = not any(r.state in ("prefill", "decode") and not r.settle for r in self.running)
@@ -232,24 +235,49 @@ class Scheduler:
                 break
             if r.settle and not idle and r.slot not in self.wanted:
                 continue
-            # A settle needs no logits, so it prefills all its tokens; a request keeps its last for the end.
             n = min(budget, len(r.ids) - r.prefilled)
-            try:
-                lg = self.runtime.prefill(r.ids[r.prefilled:r.prefilled + n], self.cache, r.slot)
-            except Exception as e:  # noqa: BLE001 - this request fails alone
-                if not isinstance(e, FermiError):
-                    log.exception("prefill failed")
-                self._fail(r, e)
-                continue
-            r.prefilled += n
+            work.append((r, n))
             budget -= n
-            if r.prefilled == len(r.ids):
-                if r.settle:
-                    self._release(r)
-                else:
-                    r.state = "sample"
-                    ready.append((r, lg))
+        for group in self._groups(work):
+            try:
+                logits = self._prefill_group(group)
+            except Exception:  # noqa: BLE001 - then one at a time: only the one at fault fails
+                logits = []
+                for r, n in group:
+                    try:
+                        logits.append(self._prefill_group([(r, n)])[0])
+                    except Exception as e:  # noqa: BLE001
+                        if not isinstance(e, FermiError):
+                            log.exception("prefill failed")
+                        self._fail(r, e)
+                        logits.append(None)
+            for (r, n), lg in zip(group, logits):
+                if r.state == "done":
+                    continue
+                r.prefilled += n
+                if r.prefilled == len(r.ids):
+                    if r.settle:
+                        self._release(r)
+                    else:
+                        r.state = "sample"
+                        ready.append((r, lg))
         return ready
+
+    def _groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
+        """The chunks prefilled together in one forward: longest first, while the
+        batch padded to its longest stays within twice the step's budget."""
+        groups: list[list[tuple[Request, int]]] = []
+        for r, n in sorted(work, key=lambda w: -w[1]):
+            if groups and (len(groups[-1]) + 1) * groups[-1][0][1] <= 2 * self.prefill_budget:
+                groups[-1].append((r, n))
+            else:
+                groups.append([(r, n)])
+        return groups
+
+    def _prefill_group(self, group: list[tuple[Request, int]]) -> list:
+        chunks = [r.ids[r.prefilled:r.prefilled + n] for r, n in group]
+        logits = self.runtime.prefill_batch(chunks, self.cache, [r.slot for r, _ in group])
+        return [logits[i] for i in range(len(group))]
 
     def _sample(self, rows: list[Request], logits: list) -> None:
         masks = self._masks(rows)
@@ -287,7 +315,8 @@ class Scheduler:
         a row whose masks allow nothing fails its request."""
         if not any(r.masks for r in rows):
             return None
-        words = -(-self.runtime.config.vocab_size // 32)
+        vocab = self.runtime.config.vocab_size
+        words = -(-vocab // 32)
         masks = np.full((len(rows), words), -1, dtype=np.int32)
         for i, r in enumerate(rows):
             try:
@@ -295,7 +324,7 @@ class Scheduler:
                     row = np.full(words, -1, dtype=np.int32)
                     m.fill(row)
                     masks[i] &= row
-                if r.masks and not masks[i].any():
+                if r.masks and empty_mask_rows(masks[i:i + 1], vocab):
                     raise FermiError("the token mask allows no token: the constraint cannot be met")
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 self._fail(r, e)
