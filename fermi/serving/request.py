@@ -56,7 +56,7 @@ class Request:
     cached: int = field(default=0, init=False)  # prompt tokens found in the slot's cache
     prefilled: int = field(default=0, init=False)  # prompt tokens in the cache so far
     pending: int | None = field(default=None, init=False)  # the token the next decode feeds
-    submitted: float = field(default_factory=time.perf_counter, init=False)
+    submitted: float = field(default_factory=time.perf_counter, init=False)  # set again by submit
     started: float | None = field(default=None, init=False)  # admitted into a slot
     first_at: float | None = field(default=None, init=False)
     output: Any = field(default=None, init=False)  # serving.output.Output

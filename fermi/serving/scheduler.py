@@ -78,6 +78,7 @@ class Scheduler:
         if request.max_tokens < 0:
             raise FermiError(f"max_tokens must be >= 0, not {request.max_tokens}")
         request.max_tokens = min(request.max_tokens, self.max_len - len(request.ids))
+        request.submitted = time.perf_counter()
         with self.lock:
             waiting = self.queued()
             # The slots the first waiting ones will take: free ones, and those settling (a step's work).
@@ -179,25 +180,23 @@ class Scheduler:
     # --- admission
 
     def _admit(self) -> None:
-        settling = {r.slot for r in self.running if r.settle}
+        settles = {x.slot: x for x in self.running if x.settle}
         self.wanted = set()
         while True:
             with self.lock:
                 if not self.waiting:
                     return
                 r = self.waiting[0]
-                slot = self.slots.choose(r.ids, settling)
+                slot = self.slots.choose(r.ids, set(settles))
                 if slot is None:  # first come, first served: the head waits for its slot...
-                    settles = {x.slot: x for x in self.running if x.settle}
                     # ...settled first, when the settle makes more of its prompt reusable...
                     self.wanted = {i for i, x in settles.items()
                                    if common_prefix(x.ids, r.ids) > common_prefix(self.slots[i].ids, r.ids)}
                     if self.wanted or not settles:
                         return
                     # ...or takes one whose settle has not run yet: a slot is worth more now.
-                    both = [i for i in settles if common_prefix(self.slots[i].ids, r.ids)] or list(settles)
-                    self._release(settles[both[0]])
-                    settling.discard(both[0])
+                    shared = [i for i in settles if common_prefix(self.slots[i].ids, r.ids)] or list(settles)
+                    self._release(settles.pop(shared[0]))
                     continue
                 self.waiting.popleft()
             self._start(r, slot)
