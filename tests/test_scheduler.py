@@ -413,35 +413,37 @@ def test_prompts_admitted_together_are_prefilled_in_one_forward():
     assert [c for c in s.runtime.calls if c[0] == "batch"] == [("batch", 2), ("batch", 1)]
 
 
-def test_a_request_waits_for_a_settle_only_when_the_settle_helps_it():
+TURN = [1, 2, 3, 4]
+NEXT = TURN + [40, 41, 42, 43]
+
+
+def settling() -> tuple[Scheduler, Request]:
+    """A core whose first request has finished and whose slot waits to settle to NEXT
+    while another request decodes."""
     s = core(slots=2)
-    turn = [1, 2, 3, 4]
-    nxt = turn + [40, 41, 42, 43]
-    a, _ = req(turn, 3, next_turn=lambda reply: nxt)
-    busy, _ = req([9, 9], 40)
+    a, _ = req(TURN, 3, next_turn=lambda reply: NEXT)
     s.submit(a)
-    s.submit(busy)
+    s.submit(req([9, 9], 40)[0])
     for _ in range(4):
         s.step()
-    assert [r.ids for r in s.running if r.settle] == [nxt]  # waits: b decodes
-    again, g = req(turn, 2)  # a regeneration: the settle would not help it
+    assert [r.ids for r in s.running if r.settle] == [NEXT]  # waits: the other one decodes
+    return s, a
+
+
+def test_a_request_waits_for_a_settle_only_when_the_settle_helps_it():
+    s, a = settling()
+    again, g = req(TURN, 2)  # a regeneration: the settle would not help it
     s.submit(again)
     s.step()
     assert again.slot == a.slot and not any(r.settle for r in s.running)
     run_all(s)
-    assert done(g).cached_tokens == len(turn) - 1
-    s2 = core(slots=2)
-    a, _ = req(turn, 3, next_turn=lambda reply: nxt)
-    busy, _ = req([9, 9], 40)
-    s2.submit(a)
-    s2.submit(busy)
-    for _ in range(4):
-        s2.step()
-    follow, g = req(nxt + [50, 51], 1)  # the next turn: worth the wait
-    s2.submit(follow)
-    s2.step()  # the settle runs first, though another request decodes...
-    assert follow.slot is None and not any(r.settle for r in s2.running)
-    s2.step()  # ...and the next turn takes its slot
-    assert follow.slot == a.slot and s2.slots[a.slot].ids[:len(nxt)] == nxt
-    run_all(s2)
-    assert done(g).cached_tokens == len(nxt)
+    assert done(g).cached_tokens == len(TURN) - 1
+    s, a = settling()
+    follow, g = req(NEXT + [50, 51], 1)  # the next turn: worth the wait
+    s.submit(follow)
+    s.step()  # the settle runs first, though another request decodes...
+    assert follow.slot is None and not any(r.settle for r in s.running)
+    s.step()  # ...and the next turn takes its slot
+    assert follow.slot == a.slot and s.slots[a.slot].ids[:len(NEXT)] == NEXT
+    run_all(s)
+    assert done(g).cached_tokens == len(NEXT)

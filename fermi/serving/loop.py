@@ -38,11 +38,7 @@ class EngineThread:
     def __init__(self, load: Callable[[], object], limits: Limits | None = None,
                  on_ready: Callable[[object], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None):
-        self.limits = limits or Limits()
-        if self.limits.slots is not None and self.limits.slots < 1:
-            raise FermiError(f"the KV cache needs at least 1 slot, not {self.limits.slots}")
-        if self.limits.queue_max < 0:
-            raise FermiError(f"the queue limit must be >= 0, not {self.limits.queue_max}")
+        self.limits = limits or Limits()  # checked by the Scheduler (the server's Settings check them first)
         self._load, self._on_ready, self._on_error = load, on_ready, on_error
         self.engine = self.scheduler = self.error = None
         self.ready = threading.Event()
