@@ -79,9 +79,17 @@ def engine_list(text: str, engines=ENGINES, groups=GROUPS, prog: str = "bench") 
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grammar"]:  # `python -m bench grammar ...`: constrained decoding's cost
+        from . import grammar
+
+        p = argparse.ArgumentParser(prog=f"{prog} grammar", description=grammar.__doc__.splitlines()[0])
+        grammar.add_arguments(p)
+        args = p.parse_args(argv[1:])
+        args.command = " ".join([prog, *map(shlex.quote, argv)])
+        return grammar.run(args)
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     add_arguments(p)
-    argv = sys.argv[1:] if argv is None else argv
     # `python -m bench concurrency ...` is `python -m bench --concurrency ...`
     args = p.parse_args(["--concurrency", *argv[1:]] if argv[:1] == ["concurrency"] else argv)
     args.command = " ".join([prog, *map(shlex.quote, argv)])

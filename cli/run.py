@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
+from fermi.errors import FermiError
+from fermi.grammar import check, json_grammar
 from fermi.serving import Done
 
 from .common import add_generation_args, add_model_args, load_engine, sampling_kwargs
@@ -16,16 +20,34 @@ def add_parser(sub) -> None:
     add_generation_args(p)
     p.add_argument("--show-thinking", action="store_true", help="print the reasoning to stdout too")
     p.add_argument("--verbose", "-v", action="store_true", help="a stats line on stderr after the answer")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="the answer is a JSON object (grammar-constrained)")
+    g.add_argument("--json-schema", metavar="FILE", type=Path,
+                   help="the answer is JSON valid against the JSON schema in FILE (grammar-constrained)")
     p.set_defaults(func=run)
+
+
+def json_schema(args) -> dict | bool | None:
+    """--json: any object; --json-schema FILE: that schema, checked before the model loads."""
+    if args.json_schema is None:
+        return True if args.json else None
+    try:
+        schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise FermiError(f"{args.json_schema} is not JSON: {e}") from None
+    check(json_grammar(schema), f"the JSON schema in {args.json_schema}")
+    return schema
 
 
 def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    schema = json_schema(args)
     engine = load_engine(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    request = engine.request(messages, args.thinking, args.max_new_tokens, args.stop, **sampling_kwargs(args))
+    request = engine.request(messages, args.thinking, args.max_new_tokens, args.stop, json_schema=schema,
+                             **sampling_kwargs(args))
     stream = engine.scheduler().run(request)
     out, err = sys.stdout, sys.stderr
     shown = "content"  # the kind of the text last written to stdout

@@ -44,9 +44,13 @@ class ChatTemplate:
         self.special = {"bos_token": bos_token or "", "eos_token": eos_token or ""}
         self.has_thinking_switch = "enable_thinking" in self.source
 
-    def render(self, messages: list[dict], thinking: str = "auto", add_generation_prompt: bool = True) -> str:
-        """thinking: "on" | "off" | "auto" (the model's own default)."""
+    def render(self, messages: list[dict], thinking: str = "auto", add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> str:
+        """thinking: "on" | "off" | "auto" (the model's own default); tools: function
+        tools in OpenAI's chat shape, as transformers' apply_chat_template passes them."""
         kwargs = dict(self.special, messages=messages, add_generation_prompt=add_generation_prompt)
+        if tools:
+            kwargs["tools"] = tools
         if thinking != "auto" and self.has_thinking_switch:
             kwargs["enable_thinking"] = thinking == "on"
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import AsyncIterator
 
 import msgspec
@@ -12,18 +13,18 @@ from litestar import Controller, Request, post
 from litestar.response import Stream
 
 from fermi.engine import Engine
-from fermi.serving import Delta, Done
 from fermi.errors import FermiError
+from fermi.serving import Delta, Done, ToolCall
 
 from .scheduler import Job, Serving
 from .schemas import (
     APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessage, ChatRequest, Choice,
-    ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, ErrorBody, PromptTokensDetails,
-    TokenLogprob, TopLogprob, Usage,
+    ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, ErrorBody, FunctionCall, PromptTokensDetails,
+    TokenLogprob, ToolCallOut, TopLogprob, Usage,
 )
+from .wire import FINISH, json_format, note, sse, stop_list, tool_set
 
 OPEN, CLOSE = "<think>\n", "\n</think>\n\n"  # inline reasoning (reasoning_format "inline")
-FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 class ChatController(Controller):
@@ -31,47 +32,60 @@ class ChatController(Controller):
     tags = ["chat"]
 
     @post(summary="Create a chat completion", status_code=200,
-          description="OpenAI's chat completions. With stream=true the answer comes as server-sent "
-                      "chat.completion.chunk events ending with `data: [DONE]`.")
+          description="OpenAI's chat completions, with function tools and response_format (JSON "
+                      "object or schema, enforced by a grammar). With stream=true the answer comes as "
+                      "server-sent chat.completion.chunk events ending with `data: [DONE]`.")
     async def create(self, request: Request, data: ChatRequest, serving: Serving) -> ChatCompletion:
         engine = serving.require_model(data.model)
-        if data.n is not None and data.n != 1:
-            raise APIError(400, f"n={data.n} is not supported: this server makes one choice per request",
-                           param="n", code="unsupported_value")
-        if data.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_value")
-        if data.response_format and data.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported",
-                           param="response_format", code="unsupported_value")
+        tools = tool_set(data.tools, data.tool_choice, data.parallel_tool_calls)
+        schema = json_format(data.response_format, "response_format")
         messages = [message_dict(m, i) for i, m in enumerate(data.messages)]
         sampling = data.sampling()
         if data.logprobs:
             sampling["logprobs"] = data.top_logprobs or 0
-        stop = [data.stop] if isinstance(data.stop, str) else data.stop
         job = await serving.start_job(messages, data.thinking_mode(), sampling,
-                                     data.max_completion_tokens or data.max_tokens, stop)
-        reply = Reply(engine, inline=data.reasoning_format in ("inline", "none"), logprobs=bool(data.logprobs))
+                                     data.max_completion_tokens or data.max_tokens, stop_list(data.stop), data.n or 1,
+                                     tools=tools, json_schema=schema)
+        inline = data.reasoning_format in ("inline", "none")
+        replies = [Reply(engine, inline, bool(data.logprobs), i) for i in range(len(job.requests))]
+        for r in replies[1:]:
+            r.id, r.created = replies[0].id, replies[0].created
         log = request.scope.get("fermi.log", {})
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(sse_chunks(job, reply, include_usage, log), media_type="text/event-stream",
+            return Stream(sse_chunks(job, replies, include_usage, log), media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        records = await job.collect(request.receive)
-        for rec in records[:-1]:
-            reply.add(rec)
-            reply.token_logprobs(rec)
-        done = records[-1]
-        note(log, done)
-        return ChatCompletion(
-            id=reply.id, created=reply.created, model=engine.name,
-            choices=[Choice(message=reply.message(), logprobs=reply.all_logprobs(),
-                            finish_reason=FINISH[done.finish_reason])],
-            usage=reply.usage(done),
-        )
+        choices, dones = [], []
+        for reply, records in zip(replies, await job.collect(request.receive)):
+            for rec in records[:-1]:
+                reply.add(rec)
+                reply.token_logprobs(rec)
+            dones.append(records[-1])
+            choices.append(Choice(index=reply.index, message=reply.message(), logprobs=reply.all_logprobs(),
+                                  finish_reason=FINISH[records[-1].finish_reason]))
+        note(log, total(dones))
+        return ChatCompletion(id=replies[0].id, created=replies[0].created, model=engine.name, choices=choices,
+                              usage=usage(replies, dones))
+
+
+def total(dones: list[Done]) -> Done:
+    """The choices' counts together: the prompt once, every choice's tokens."""
+    d = dones[0]
+    return replace(d, completion_tokens=sum(x.completion_tokens for x in dones))
+
+
+def usage(replies: list["Reply"], dones: list[Done]) -> Usage:
+    d = total(dones)
+    reasoning = sum(r.reasoning_tokens(x) for r, x in zip(replies, dones))
+    return Usage(prompt_tokens=d.prompt_tokens, completion_tokens=d.completion_tokens,
+                 total_tokens=d.prompt_tokens + d.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(d.cached_tokens),
+                 completion_tokens_details=CompletionTokensDetails(reasoning))
 
 
 def message_dict(m: ChatMessage, index: int) -> dict:
-    """A request message as the chat template wants it: text content only."""
+    """A request message as the chat template wants it: text content, and an
+    assistant's tool calls (their arguments' JSON as the engine reads it)."""
     if m.content is None or isinstance(m.content, str):
         text = m.content or ""
     else:
@@ -90,23 +104,42 @@ def message_dict(m: ChatMessage, index: int) -> dict:
         out["name"] = m.name
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls and m.role == "assistant":
+        calls = []
+        for j, c in enumerate(m.tool_calls):
+            fn = c.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(400, "a tool call needs function.name", param=f"messages[{index}].tool_calls[{j}]",
+                               code="invalid_value")
+            calls.append({"id": c.get("id"), "type": "function",
+                          "function": {"name": fn["name"], "arguments": fn.get("arguments") or "{}"}})
+        out["tool_calls"] = calls
     return out
 
 
 class Reply:
     """The answer so far, and its pieces in the shapes OpenAI uses."""
 
-    def __init__(self, engine: Engine, inline: bool = False, logprobs: bool = False):
-        self.engine, self.inline, self.want_logprobs = engine, inline, logprobs
+    def __init__(self, engine: Engine, inline: bool = False, logprobs: bool = False, index: int = 0):
+        self.engine, self.inline, self.want_logprobs, self.index = engine, inline, logprobs, index
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.logprobs: list[TokenLogprob] = []
+        self.calls: list[ToolCallOut] = []
         self.kind = "content"  # of the last piece, for inline reasoning's tags
 
-    def add(self, d: Delta) -> ChunkDelta:
-        """Record a delta; returns it as a chunk's delta."""
+    def add(self, d: Delta | ToolCall) -> ChunkDelta:
+        """Record a delta or a tool call's piece; returns it as a chunk's delta."""
+        if isinstance(d, ToolCall):  # a call's first piece names it; each piece adds to its arguments
+            if d.name is not None:
+                self.calls.append(ToolCallOut(id=d.id, type="function", function=FunctionCall(name=d.name, arguments="")))
+            self.calls[d.index].function.arguments += d.arguments
+            piece = ToolCallOut(index=d.index, function=FunctionCall(arguments=d.arguments))
+            if d.name is not None:
+                piece.id, piece.type, piece.function.name = d.id, "function", d.name
+            return ChunkDelta(tool_calls=[piece])
         if d.kind == "reasoning":
             self.reasoning.append(d.text)
             if self.inline:
@@ -128,8 +161,8 @@ class Reply:
             return ChunkDelta(content=CLOSE.rstrip())
         return None
 
-    def token_logprobs(self, d: Delta) -> list[TokenLogprob]:
-        if not self.want_logprobs or (d.kind == "reasoning" and not self.inline):
+    def token_logprobs(self, d: Delta | ToolCall) -> list[TokenLogprob]:
+        if not self.want_logprobs or d.kind == "tool_call" or (d.kind == "reasoning" and not self.inline):
             return []
         out = [token_logprob(self.engine, s) for s in d.logprobs]
         self.logprobs += out
@@ -137,23 +170,20 @@ class Reply:
 
     def message(self) -> AssistantMessage:
         self.close()
-        msg = AssistantMessage(content="".join(self.content))
+        content = "".join(self.content)
+        msg = AssistantMessage(content=content or (None if self.calls else ""))
         if self.reasoning and not self.inline:
             msg.reasoning_content = msg.reasoning = "".join(self.reasoning)
+        if self.calls:
+            msg.tool_calls = self.calls
         return msg
 
     def all_logprobs(self) -> ChoiceLogprobs | None:
         return ChoiceLogprobs(self.logprobs) if self.want_logprobs else None
 
-    def usage(self, done: Done) -> Usage:
+    def reasoning_tokens(self, done: Done) -> int:
         reasoning = "".join(self.reasoning)
-        return Usage(
-            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-            total_tokens=done.prompt_tokens + done.completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(done.cached_tokens),
-            completion_tokens_details=CompletionTokensDetails(
-                min(done.completion_tokens, len(self.engine.tokenizer.encode(reasoning))) if reasoning else 0),
-        )
+        return min(done.completion_tokens, len(self.engine.tokenizer.encode(reasoning))) if reasoning else 0
 
 
 def token_logprob(engine: Engine, sample) -> TokenLogprob:
@@ -172,45 +202,37 @@ def token_logprob(engine: Engine, sample) -> TokenLogprob:
     return TokenLogprob(text, logprob, raw, top)
 
 
-def note(log: dict, done: Done) -> None:
-    """Leave the counts for the request log line."""
-    log.update(prompt_tokens=done.prompt_tokens, cached_tokens=done.cached_tokens,
-               completion_tokens=done.completion_tokens)
-    if done.finish_reason == "cancelled":
-        log["note"] = "cancelled"
+async def sse_chunks(job: Job, replies: list[Reply], include_usage: bool, log: dict) -> AsyncIterator[bytes]:
+    first = replies[0]
+    usage_field = None if include_usage else msgspec.UNSET
 
-
-def sse(obj) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
-
-
-async def sse_chunks(job: Job, reply: Reply, include_usage: bool, log: dict) -> AsyncIterator[bytes]:
-    usage = None if include_usage else msgspec.UNSET
-
-    def chunk(delta: ChunkDelta | None, finish: str | None = None, logprobs=None) -> bytes:
-        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)]
-        return sse(ChatCompletionChunk(id=reply.id, created=reply.created, model=reply.engine.name,
-                                       choices=choices, usage=usage))
+    def chunk(reply: Reply | None, delta: ChunkDelta | None = None, finish: str | None = None, logprobs=None,
+              usage_value=None) -> bytes:
+        choices = [] if reply is None else [ChunkChoice(index=reply.index, delta=delta, finish_reason=finish,
+                                                        logprobs=logprobs)]
+        return sse(ChatCompletionChunk(id=first.id, created=first.created, model=first.engine.name,
+                                       choices=choices, usage=usage_value or usage_field))
 
     log.update(prompt_tokens=len(job.request.ids))
+    dones: list[Done | None] = [None] * len(replies)
     try:
-        yield chunk(ChunkDelta(role="assistant", content=""))
-        done = None
-        async for rec in job.records():
+        for reply in replies:
+            yield chunk(reply, ChunkDelta(role="assistant", content=""))
+        async for index, rec in job.records():
+            reply = replies[index]
             if isinstance(rec, Done):
-                done = rec
-                break
+                dones[index] = rec
+                if (closing := reply.close()) is not None:
+                    yield chunk(reply, closing)
+                yield chunk(reply, ChunkDelta(), FINISH[rec.finish_reason])
+                continue
             delta = reply.add(rec)
             log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
             lp = reply.token_logprobs(rec)
-            yield chunk(delta, logprobs=ChoiceLogprobs(lp) if reply.want_logprobs else None)
-        if (closing := reply.close()) is not None:
-            yield chunk(closing)
-        yield chunk(ChunkDelta(), FINISH[done.finish_reason])
-        note(log, done)
+            yield chunk(reply, delta, logprobs=ChoiceLogprobs(lp) if reply.want_logprobs else None)
+        note(log, total(dones))
         if include_usage:
-            usage = reply.usage(done)
-            yield chunk(None)
+            yield chunk(None, usage_value=usage(replies, dones))
         yield b"data: [DONE]\n\n"
     except (FermiError, APIError) as e:  # after the headers went out: an error event ends the stream
         message = e.message if isinstance(e, APIError) else str(e)

@@ -1,13 +1,19 @@
 """POST /v1/responses: OpenAI's Responses API. The answer is a response object
-whose output holds a `reasoning` item (when the model thought) and a `message`
-item; streamed, it comes as typed events, each with its sequence_number:
+whose output holds a `reasoning` item (when the model thought), a `message` item
+and a `function_call` item per tool call; streamed, it comes as typed events,
+each with its sequence_number:
 
     response.created, response.in_progress,
-    per item: response.output_item.added, response.content_part.added,
+    per text item: response.output_item.added, response.content_part.added,
               response.reasoning_text.delta* / response.output_text.delta*,
               response.reasoning_text.done / response.output_text.done,
               response.content_part.done, response.output_item.done,
-    response.completed (or response.incomplete when max_output_tokens ran out)."""
+    per call: response.output_item.added, response.function_call_arguments.delta*,
+              response.function_call_arguments.done, response.output_item.done,
+    response.completed (or response.incomplete when max_output_tokens ran out).
+
+Input items: messages, reasoning, function_call (the assistant's past calls) and
+function_call_output (their results)."""
 
 from __future__ import annotations
 
@@ -20,17 +26,17 @@ from litestar import Controller, Request, post
 from litestar.response import Stream
 
 from fermi.engine import Engine
-from fermi.serving import Delta, Done
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
+from fermi.serving import Delta, Done, ToolCall
 
-from .chat import note
 from .scheduler import Job, Serving
 from .schemas import (
-    APIError, ErrorBody, IncompleteDetails, InputItem, InputTokensDetails, MessageItem, OutputText,
-    OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject, ResponsesRequest,
-    ResponseUsage, TextConfig, TextFormat,
+    APIError, ErrorBody, FunctionCallItem, IncompleteDetails, InputItem, InputTokensDetails, MessageItem,
+    OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject,
+    ResponsesRequest, ResponseUsage, TextConfig,
 )
+from .wire import json_format, note, stop_list, tool_set
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -49,19 +55,18 @@ class ResponsesController(Controller):
             raise APIError(400, "previous_response_id is not supported: this server stores no responses; "
                            "send the whole conversation as input", param="previous_response_id",
                            code="unsupported_value")
-        if data.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools", code="unsupported_value")
+        tools = tool_set(data.tools, data.tool_choice, data.parallel_tool_calls)
+        schema = json_format((data.text or {}).get("format"), "text.format", flat=True)
         messages = input_messages(data)
         effort = data.reasoning.effort if data.reasoning else None
-        stop = [data.stop] if isinstance(data.stop, str) else data.stop
         job = await serving.start_job(messages, data.thinking_mode(effort), data.sampling(), data.max_output_tokens,
-                                     stop)
+                                     stop_list(data.stop), tools=tools, json_schema=schema)
         build = Builder(engine, data, job.request.params)
         log = request.scope.get("fermi.log", {})
         if data.stream:
             return Stream(sse_events(job, build, log), media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        records = await job.collect(request.receive)
+        records = (await job.collect(request.receive))[0]
         for rec in records[:-1]:
             build.add(rec)
         note(log, records[-1])
@@ -71,7 +76,9 @@ class ResponsesController(Controller):
 
 def input_messages(data: ResponsesRequest) -> list[dict]:
     """instructions + input as chat messages. A reasoning item's text goes with the
-    assistant message after it, as reasoning_content (the template decides)."""
+    assistant message after it, as reasoning_content (the template decides);
+    function_call items are that message's tool calls, function_call_output items
+    tool messages."""
     messages = [{"role": "system", "content": data.instructions}] if data.instructions else []
     if isinstance(data.input, str):
         return messages + [{"role": "user", "content": data.input}]
@@ -83,6 +90,27 @@ def input_messages(data: ResponsesRequest) -> list[dict]:
         if kind == "reasoning":
             parts = item.content or []
             reasoning = parts if isinstance(parts, str) else "".join(p.text or "" for p in parts)
+            continue
+        if kind == "function_call":
+            if not item.name or item.call_id is None:
+                raise APIError(400, "a function_call item needs name and call_id", param=f"input[{i}]",
+                               code="missing_required_parameter")
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments or "{}"}}
+            if not (messages and messages[-1]["role"] == "assistant" and reasoning is None):
+                messages.append({"role": "assistant", "content": ""})
+                if reasoning:
+                    messages[-1]["reasoning_content"] = reasoning
+                reasoning = None
+            messages[-1].setdefault("tool_calls", []).append(call)
+            continue
+        if kind == "function_call_output":
+            if item.call_id is None:
+                raise APIError(400, "a function_call_output item needs call_id", param=f"input[{i}].call_id",
+                               code="missing_required_parameter")
+            output = item.output if isinstance(item.output, str) or item.output is None else \
+                "\n".join(p.text or "" for p in item.output)
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output or ""})
             continue
         if kind != "message":
             raise APIError(400, f"input items of type '{kind}' are not supported", param=f"input[{i}].type",
@@ -119,7 +147,7 @@ class Builder:
         self.engine, self.data, self.params = engine, data, params
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.items: list[ReasoningItem | MessageItem] = []
+        self.items: list[ReasoningItem | MessageItem | FunctionCallItem] = []
         self.texts: list[list[str]] = []  # per item, its text pieces
         self.seq = 0
         self.status = "in_progress"
@@ -154,14 +182,22 @@ class Builder:
             temperature=p.temperature, top_p=p.top_p, metadata=d.metadata or {},
             reasoning=ReasoningConfig(d.reasoning.effort if d.reasoning else None,
                                       d.reasoning.summary if d.reasoning else None),
-            text=TextConfig(TextFormat()),
+            text=TextConfig((d.text or {}).get("format") or {"type": "text"}),
+            tools=d.tools or [], tool_choice=d.tool_choice or "auto",
+            parallel_tool_calls=d.parallel_tool_calls is not False,
         )
 
     def start(self) -> list[bytes]:
         r = self.response()
         return [self.event("response.created", response=r), self.event("response.in_progress", response=r)]
 
-    def _open(self, kind: str) -> list[bytes]:
+    def _open(self, kind: str, call: ToolCall | None = None) -> list[bytes]:
+        if call is not None:
+            item = FunctionCallItem(id=f"fc_{uuid.uuid4().hex}", call_id=call.id, name=call.name, arguments="",
+                                    status="in_progress")
+            self.items.append(item)
+            self.texts.append([])
+            return [self.event("response.output_item.added", output_index=len(self.items) - 1, item=item)]
         if kind == "reasoning":
             item = ReasoningItem(id=f"rs_{uuid.uuid4().hex}", content=[], status="in_progress")
             part = ReasoningText(text="")
@@ -180,6 +216,11 @@ class Builder:
         i = len(self.items) - 1
         item, text = self.items[i], "".join(self.texts[i])
         item.status = status
+        if isinstance(item, FunctionCallItem):
+            item.arguments = text
+            return [self.event("response.function_call_arguments.done", item_id=item.id, output_index=i,
+                               arguments=text, name=item.name),
+                    self.event("response.output_item.done", output_index=i, item=item)]
         if isinstance(item, ReasoningItem):
             item.content = [ReasoningText(text=text)]
             done = self.event("response.reasoning_text.done", item_id=item.id, output_index=i, content_index=0,
@@ -196,10 +237,23 @@ class Builder:
     def _open_kind(self) -> str | None:
         if not self.items or self.items[-1].status != "in_progress":
             return None
-        return "reasoning" if isinstance(self.items[-1], ReasoningItem) else "content"
+        item = self.items[-1]
+        return "reasoning" if isinstance(item, ReasoningItem) else (
+            "tool_call" if isinstance(item, FunctionCallItem) else "content")
 
-    def add(self, d: Delta) -> list[bytes]:
+    def add(self, d: Delta | ToolCall) -> list[bytes]:
         out: list[bytes] = []
+        if isinstance(d, ToolCall):
+            if d.name is not None:  # a new call: its own item
+                if self._open_kind() is not None:
+                    out += self._close("completed")
+                out += self._open("tool_call", d)
+            i = len(self.items) - 1
+            if d.arguments:
+                self.texts[i].append(d.arguments)
+                out.append(self.event("response.function_call_arguments.delta", item_id=self.items[i].id,
+                                      output_index=i, delta=d.arguments))
+            return out
         if self._open_kind() != d.kind:
             if self._open_kind() is not None:
                 out += self._close("completed")
@@ -222,7 +276,7 @@ class Builder:
         out: list[bytes] = []
         if self._open_kind() is not None:
             out += self._close("incomplete" if incomplete else "completed")
-        if not any(isinstance(it, MessageItem) for it in self.items):
+        if not any(isinstance(it, (MessageItem, FunctionCallItem)) for it in self.items):
             out += self._open("content")
             out += self._close("incomplete" if incomplete else "completed")
         self.status = "incomplete" if incomplete else "completed"
@@ -238,7 +292,7 @@ async def sse_events(job: Job, build: Builder, log: dict) -> AsyncIterator[bytes
     try:
         for e in build.start():
             yield e
-        async for rec in job.records():
+        async for _, rec in job.records():
             if isinstance(rec, Done):
                 for e in build.finish(rec):
                     yield e

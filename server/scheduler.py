@@ -15,45 +15,56 @@ import anyio
 
 from fermi.engine import Engine
 from fermi.errors import ContextOverflow, FermiError
+from fermi.grammar import GrammarError
 from fermi.serving import Delta, Done, EngineThread, Limits, QueueFull, Request, ShuttingDown
 
 from .schemas import APIError
 
 
 class Job:
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
-        self.request = request
+    """One API request: its core requests (one per choice, n of them) and their
+    records, tagged with the choice's index, in one queue."""
+
+    def __init__(self, requests: list[Request], loop: asyncio.AbstractEventLoop):
+        self.requests = requests
+        self.request = requests[0]
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.finished = False  # the consumer has seen Done
-        request.sink = self.post
+        self.open = len(requests)  # choices whose Done the consumer has not seen
+        for i, r in enumerate(requests):
+            r.sink = self._post(i)
 
-    def post(self, item) -> None:
-        """Called on the engine thread; raises once the event loop is gone, and the
-        core then cancels the request."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def _post(self, index: int) -> Callable:
+        def post(item) -> None:
+            """Called on the engine thread; raises once the event loop is gone, and the
+            core then cancels the request."""
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+        return post
+
+    @property
+    def finished(self) -> bool:
+        return self.open == 0
 
     def abandon(self) -> None:
-        """The consumer stops listening (a client gone): cancel unless it saw the end."""
-        if not self.finished:
-            self.request.cancel()
+        """The consumer stops listening (a client gone): cancel what has not ended."""
+        for r in self.requests:
+            if not r.finished:
+                r.cancel()
 
-    async def records(self) -> AsyncIterator[Delta | Done]:
-        """The generation's records as they come; ends after Done. Raises what the
-        engine raised."""
-        while True:
-            item = await self.queue.get()
+    async def records(self) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """(choice, record) as they come; ends after every choice's Done. Raises what
+        the engine raised."""
+        while self.open:
+            index, item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Done):
-                self.finished = True
-            yield item
-            if isinstance(item, Done):
-                return
+                self.open -= 1
+            yield index, item
 
-    async def collect(self, receive) -> list[Delta | Done]:
-        """All the records, for a non-streaming answer; watches the ASGI `receive`
-        meanwhile, so a client that hangs up cancels the generation."""
+    async def collect(self, receive) -> list[list[Delta | Done]]:
+        """All the records, per choice, for a non-streaming answer; watches the ASGI
+        `receive` meanwhile, so a client that hangs up cancels the generation."""
 
         async def watch():
             while (await receive())["type"] != "http.disconnect":
@@ -61,8 +72,11 @@ class Job:
             self.abandon()
 
         watcher = asyncio.ensure_future(watch())
+        out: list[list] = [[] for _ in self.requests]
         try:
-            return [rec async for rec in self.records()]
+            async for index, rec in self.records():
+                out[index].append(rec)
+            return out
         finally:
             watcher.cancel()
             self.abandon()
@@ -98,15 +112,25 @@ class Serving(EngineThread):
         return engine
 
     async def start_job(self, messages: list[dict], thinking: str, sampling: dict, max_tokens: int | None,
-                        stop: list[str] | None) -> Job:
-        """Render the prompt and queue the generation. Raises APIError (400 prompt
-        too long, 503 queue full or shutting down) before anything is queued."""
+                        stop: list[str] | None, n: int = 1, **constraints) -> Job:
+        """Render the prompt and queue the generation (n choices of it, prefilled once).
+        constraints: Engine.request's tools and json_schema. Raises APIError (400 prompt
+        too long or a constraint that cannot be enforced, 503 queue full or shutting
+        down) before anything is queued."""
         engine = self.require_engine()
-        request = await anyio.to_thread.run_sync(
-            lambda: engine.request(messages, thinking, max_tokens, stop, **sampling))
-        job = Job(request, asyncio.get_running_loop())
+
+        def build() -> list[Request]:
+            first = engine.request(messages, thinking, max_tokens, stop, **constraints, **sampling)
+            return [first] + [engine.fork(first, i) for i in range(1, n)]
+
         try:
-            self.submit(request)
+            requests = await anyio.to_thread.run_sync(build)
+        except GrammarError as e:
+            raise APIError(400, str(e), param="tools" if constraints.get("tools") else "response_format",
+                           code="invalid_json_schema") from None
+        job = Job(requests, asyncio.get_running_loop())
+        try:
+            self.submit_all(requests)
         except ContextOverflow as e:
             raise APIError(400, f"{e}: the prompt must be shorter than the context to leave room for an answer",
                            param="messages", code="context_length_exceeded") from None

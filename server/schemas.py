@@ -107,6 +107,7 @@ class ChatMessage(Struct, kw_only=True):
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -121,11 +122,13 @@ class ChatRequest(Options, kw_only=True):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    n: Annotated[int, Meta(ge=1, le=16)] | None = None
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None
     reasoning_format: ReasoningFormat | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     user: str | None = None
 
@@ -150,11 +153,24 @@ class ChoiceLogprobs(Struct):
     content: list[TokenLogprob] | None
 
 
+class FunctionCall(Struct, kw_only=True):
+    name: str | UnsetType = UNSET
+    arguments: str
+
+
+class ToolCallOut(Struct, kw_only=True):
+    index: int | UnsetType = UNSET  # in a chunk's delta
+    id: str | UnsetType = UNSET
+    type: str | UnsetType = UNSET
+    function: FunctionCall
+
+
 class AssistantMessage(Struct, kw_only=True):
     role: str = "assistant"
     content: str | None
     reasoning_content: str | UnsetType = UNSET
     reasoning: str | UnsetType = UNSET
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class Choice(Struct, kw_only=True):
@@ -195,6 +211,7 @@ class ChunkDelta(Struct, kw_only=True):
     content: str | UnsetType = UNSET
     reasoning_content: str | UnsetType = UNSET
     reasoning: str | UnsetType = UNSET
+    tool_calls: list[ToolCallOut] | UnsetType = UNSET
 
 
 class ChunkChoice(Struct, kw_only=True):
@@ -223,9 +240,13 @@ class InputPart(Struct, kw_only=True):
 
 
 class InputItem(Struct, kw_only=True):
-    type: str | None = None  # "message" (or left out), "reasoning"
+    type: str | None = None  # "message" (or left out), "reasoning", "function_call", "function_call_output"
     role: Role | None = None
     content: str | list[InputPart] | None = None
+    call_id: str | None = None  # function_call, function_call_output
+    name: str | None = None  # function_call
+    arguments: str | None = None  # function_call
+    output: str | list[InputPart] | None = None  # function_call_output
 
 
 class ReasoningOptions(Struct, kw_only=True):
@@ -243,6 +264,9 @@ class ResponsesRequest(Options, kw_only=True):
     store: bool | None = None
     previous_response_id: str | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     stop: str | list[str] | None = None
 
@@ -267,6 +291,14 @@ class MessageItem(Struct, kw_only=True, tag_field="type", tag="message"):
     role: str = "assistant"
     status: str
     content: list[OutputText]
+
+
+class FunctionCallItem(Struct, kw_only=True, tag_field="type", tag="function_call"):
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: str
 
 
 class ReasoningItem(Struct, kw_only=True, tag_field="type", tag="reasoning"):
@@ -302,12 +334,8 @@ class ReasoningConfig(Struct):
     summary: str | None = None
 
 
-class TextFormat(Struct):
-    type: str = "text"
-
-
 class TextConfig(Struct):
-    format: TextFormat
+    format: dict[str, Any]
 
 
 class ResponseObject(Struct, kw_only=True):
@@ -317,7 +345,7 @@ class ResponseObject(Struct, kw_only=True):
     status: str  # in_progress | completed | incomplete
     completed_at: int | None = None
     model: str
-    output: list[ReasoningItem | MessageItem]
+    output: list[ReasoningItem | MessageItem | FunctionCallItem]
     usage: ResponseUsage | None = None
     incomplete_details: IncompleteDetails | None = None
     error: ErrorBody | None = None
@@ -325,8 +353,8 @@ class ResponseObject(Struct, kw_only=True):
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    parallel_tool_calls: bool = False
-    tool_choice: str = "none"
+    parallel_tool_calls: bool = True
+    tool_choice: str | dict[str, Any] = "auto"
     tools: list = []
     metadata: dict[str, str] = {}
     previous_response_id: str | None = None

@@ -60,15 +60,16 @@ def free_port() -> int:
 
 
 class Server:
-    """`fermi serve --model smollm2-135m` in a subprocess; its stderr (the request
+    """`fermi serve --model smollm2-135m` (or `model`) in a subprocess; its stderr (the request
     log) goes to a file the tests can read."""
 
-    def __init__(self, *args: str, backend: str = "torch", env: dict | None = None, template: str | None = None):
+    def __init__(self, *args: str, backend: str = "torch", env: dict | None = None, template: str | None = None,
+                 model: str = MODEL):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.dir = tempfile.TemporaryDirectory(prefix="fermi-serve-")
         self.log_path = Path(self.dir.name) / "stderr.log"
-        cmd = [sys.executable, "-m", "fermi.cli.main", "serve", "--model", MODEL, "--backend", backend,
+        cmd = [sys.executable, "-m", "fermi.cli.main", "serve", "--model", model, "--backend", backend,
                "--port", str(self.port), *args]
         if template is not None:
             path = Path(self.dir.name) / "template.jinja"

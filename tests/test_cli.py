@@ -109,3 +109,27 @@ def test_prompt_longer_than_context():
 def test_bad_flags(flag):
     r = fermi("run", "-m", "smollm2-135m", *flag, "Hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_run_json_and_json_schema_answer_parse(tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema))
+    r = fermi("run", "--model", "smollm2-135m", "--temperature", "0", "--json-schema", str(path),
+              "Name a city in France.")
+    assert r.returncode == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), schema)
+    r = fermi("run", "--model", "smollm2-135m", "--temperature", "0", "--json",
+              "What is the capital of France? Answer in JSON.")
+    assert r.returncode == 0, r.stderr
+    assert isinstance(json.loads(r.stdout), dict)
+
+
+def test_run_json_schema_errors_are_one_line(tmp_path):
+    (tmp_path / "unique.json").write_text('{"type": "array", "uniqueItems": true}')
+    (tmp_path / "broken.json").write_text('{"type":')
+    one_line_error(fermi("run", "--json-schema", str(tmp_path / "unique.json"), "x"), "uniqueItems")
+    one_line_error(fermi("run", "--json-schema", str(tmp_path / "broken.json"), "x"), "broken.json", "not JSON")

@@ -66,7 +66,11 @@ BAD = [
     (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages[0].content[0]"),
     (CHAT, {"messages": HI, "model": "gpt-4o"}, 404, "model"),
-    (CHAT, {"messages": HI, "n": 2}, 400, "n"),
+    (CHAT, {"messages": HI, "n": 17}, 400, "n"),
+    (CHAT, {"messages": HI, "n": 0}, 400, "n"),
+    (CHAT, {"messages": HI, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400, "tools[0].name"),
+    (CHAT, {"messages": HI, "response_format": {"type": "xml"}}, 400, "response_format.type"),
+    (CHAT, {"messages": HI, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema.schema"),
     (CHAT, {"messages": HI, "temperature": "hot"}, 400, "temperature"),
     (CHAT, {"messages": HI, "temperature": 2.5}, 400, "temperature"),
     (CHAT, {"messages": HI, "temperature": -0.1}, 400, "temperature"),
@@ -80,7 +84,11 @@ BAD = [
     ("/v1/responses", {"input": 5}, 400, "input"),
     ("/v1/responses", {"input": "hi", "max_output_tokens": -1}, 400, "max_output_tokens"),
     ("/v1/responses", {"input": "hi", "model": "nope"}, 404, "model"),
-    ("/v1/responses", {"input": [{"type": "function_call", "name": "f"}]}, 400, "input[0].type"),
+    ("/v1/responses", {"input": [{"type": "function_call", "name": "f"}]}, 400, "input[0]"),  # no call_id
+    ("/v1/responses", {"input": [{"type": "image_generation_call"}]}, 400, "input[0].type"),
+    ("/v1/responses", {"input": "hi", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
+    ("/v1/responses", {"input": "hi", "text": {"format": {"type": "json_schema", "schema": {"not": {}}}}}, 400,
+     "text.format.schema"),
 ]
 
 

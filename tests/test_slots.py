@@ -59,7 +59,7 @@ def test_next_turn_ids_predict_the_next_prompt(qwen3_style):
     history = [{"role": "user", "content": "Hi there."}]
     reply = "Hello! How can I help?"
     for thinking in ("on", "off"):
-        predicted = qwen3_style.next_turn_ids(history, reply, thinking)
+        predicted = qwen3_style.next_turn_ids(history, {"role": "assistant", "content": reply}, thinking)
         # the client sends the reply back (with the reasoning it got, which the template drops)
         following = history + [{"role": "assistant", "content": reply, "reasoning_content": "Let me think."},
                                 {"role": "user", "content": "Tell me a joke."}]
@@ -81,7 +81,7 @@ def test_settle_makes_a_follow_up_prefill_only_its_new_tokens(qwen3_style):
     assert len(settling) == 1  # the slot is settled to the next turn in the steps after Done
     slot = core.slots[settling[0].slot]
     core.step()
-    assert not core.running and slot.ids == qwen3_style.next_turn_ids(history, answer, "on")
+    assert not core.running and slot.ids == qwen3_style.next_turn_ids(history, {"role": "assistant", "content": answer}, "on")
 
     # ...which the next turn's rendering of that past turn drops
     follow = history + [{"role": "assistant", "content": answer, "reasoning_content": reasoning},

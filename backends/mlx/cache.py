@@ -93,6 +93,13 @@ class KVCache:
         for s in slots:
             self.lengths[s] += n
 
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Row dst holds row src's first n positions (one prompt, several choices)."""
+        for store in (self.keys, self.values):
+            for a in store:
+                a[dst:dst + 1, :, :n] = a[src:src + 1, :, :n]
+        self.lengths[dst] = n
+
     def truncate(self, slot: int, n: int) -> None:
         # Entries past n stay in memory; the next write overwrites them and the
         # read-back length (or the mask) keeps them out of attention until then.

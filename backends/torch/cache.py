@@ -117,6 +117,14 @@ class KVCache:
             values[span.index[:, None], :, pos] = v.transpose(1, 2)
         return keys[span.rows, :, :span.end], values[span.rows, :, :span.end]
 
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Row dst holds row src's first n positions (one prompt, several choices)."""
+        with torch.inference_mode():  # the tensors were made under it
+            for store in (self.k, self.v):
+                for t in store:
+                    t[dst, :, :n] = t[src, :, :n]
+        self.lengths[dst] = n
+
     def truncate(self, slot: int, n: int) -> None:
         # Stale entries past n stay in memory; the next write overwrites them and
         # masks keep them out of attention until then.

@@ -3,9 +3,9 @@ output processors, records. No HTTP, no terminal, no tensors: every front door
 (`fermi run`, `fermi chat`, `fermi serve`) submits requests and reads records."""
 
 from .loop import DEFAULT_TTL_MS, EngineThread, Limits, default_slots
-from .records import Delta, Done
+from .records import Delta, Done, ToolCall
 from .request import QueueFull, Request, ShuttingDown, TokenMask
 from .scheduler import Scheduler
 
 __all__ = ["DEFAULT_TTL_MS", "Delta", "Done", "EngineThread", "Limits", "QueueFull", "Request", "Scheduler",
-           "ShuttingDown", "TokenMask", "default_slots"]
+           "ShuttingDown", "TokenMask", "ToolCall", "default_slots"]

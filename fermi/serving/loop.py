@@ -49,9 +49,12 @@ class EngineThread:
         self.thread.start()
 
     def submit(self, request: Request) -> Request:
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
         if self.stopping:
             raise ShuttingDown("the server is shutting down")
-        return self.scheduler.submit(request)
+        return self.scheduler.submit_all(requests)
 
     def cancel_all(self) -> None:
         if self.scheduler is not None:

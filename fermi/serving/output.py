@@ -1,8 +1,9 @@
 """A request's output processor: sampled tokens in, records out.
 
 detokenizer (UTF-8 safe) -> stop strings (found across tokens, never emitted) ->
-thinking splitter (reasoning | content) -> Delta records. It decides when the
-request is finished (EOS, a stop string, max tokens) and what its Done says."""
+thinking splitter (reasoning | content) -> tool-call parser (content | calls, when
+the request has tools) -> Delta and ToolCall records. It decides when the request
+is finished (EOS, a stop string, max tokens) and what its Done says."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .records import Delta
 
 class Output:
     def __init__(self, tokenizer, eos_ids: set[int], max_tokens: int, stop: list[str] | None,
-                 in_reasoning: bool, keep_reasoning: bool, logprobs: bool):
+                 in_reasoning: bool, keep_reasoning: bool, logprobs: bool, calls=None):
+        """calls: a toolcalls.CallParser, or None (no tools: all content is text)."""
         self.eos_ids, self.max_tokens, self.want_logprobs = eos_ids, max_tokens, logprobs
         self.detok = Detokenizer(tokenizer)
         self.stops = StopStrings(stop)
@@ -23,6 +25,7 @@ class Output:
         self.generated: list[int] = []
         self.samples: list = []  # logprobs not yet attached to a delta
         self.content: list[str] = []  # the answer's text (for the slot's settle)
+        self.calls = calls
         self.hit_stop = False
 
     def feed(self, sample) -> tuple[list[Delta], str | None]:
@@ -34,7 +37,7 @@ class Output:
             self.samples.append(sample)
         text, self.hit_stop = self.stops.feed(self.detok.add(sample.token))
         records = self._records(text)
-        if self.hit_stop:
+        if self.hit_stop or (self.calls is not None and self.calls.finished):
             return records, "stop"
         return records, "length" if len(self.generated) >= self.max_tokens else None
 
@@ -47,17 +50,43 @@ class Output:
             records = self._records(text if self.hit_stop else text + self.stops.flush())
             finish = "stop" if self.hit_stop else finish
         for kind, piece in self.splitter.flush():
-            records.append(self._delta(kind, piece, []))
+            records += self._deltas(kind, piece, [])
+        if self.calls is not None:
+            records += self._calls(self.calls.flush(), [])
+            if self.calls.calls and finish == "stop":
+                finish = "tool_calls"
         return records, finish
+
+    def reply(self) -> dict:
+        """The answer as an assistant message of the history (for the slot's settle)."""
+        message = {"role": "assistant", "content": "".join(self.content)}
+        if self.calls is not None and self.calls.calls:
+            message["tool_calls"] = [{"id": c["id"], "type": "function",
+                                      "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                     for c in self.calls.calls]
+        return message
 
     def _records(self, text: str) -> list[Delta]:
         out = []
         for kind, piece in self.splitter.feed(text):
-            out.append(self._delta(kind, piece, self.samples[:]))
+            out += self._deltas(kind, piece, self.samples[:])
             self.samples.clear()
         return out
 
-    def _delta(self, kind: str, text: str, samples: list) -> Delta:
+    def _deltas(self, kind: str, text: str, samples: list) -> list:
+        if kind == "content" and self.calls is not None:
+            return self._calls(self.calls.feed(text), samples)
         if kind == "content":
             self.content.append(text)
-        return Delta(kind, text, samples)
+        return [Delta(kind, text, samples)]
+
+    def _calls(self, pieces: list, samples: list) -> list:
+        out = []
+        for p in pieces:
+            if isinstance(p, tuple):
+                self.content.append(p[1])
+                out.append(Delta("content", p[1], samples))
+                samples = []
+            else:
+                out.append(p)
+        return out

@@ -1,8 +1,10 @@
-"""What the serving core hands the front doors: text deltas, then one Done."""
+"""What the serving core hands the front doors: text deltas and tool-call pieces,
+then one Done."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass
@@ -13,8 +15,20 @@ class Delta:
 
 
 @dataclass
+class ToolCall:
+    """A piece of the reply's tool call `index`: its first piece carries the call's
+    id and name, every piece a piece of its arguments' JSON text."""
+
+    index: int
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+    kind: ClassVar[str] = "tool_call"
+
+
+@dataclass
 class Done:
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max tokens or context end), "cancelled"
+    finish_reason: str  # "stop" (EOS or stop string), "tool_calls", "length" (max tokens, context end), "cancelled"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int  # prompt tokens reused from the slot's cache

@@ -42,10 +42,13 @@ class Request:
     stop: list[str] | None = None
     in_reasoning: bool = False  # generation starts inside an open think block
     keep_reasoning: bool = True  # False for thinking off: a think block the model emits is stripped
-    # The reply's content -> the token ids the conversation's next request starts with
-    # (the reply re-rendered as a past turn); the slot is settled to them after Done.
-    next_turn: Callable[[str], list[int] | None] | None = None
+    # The reply (an assistant message: content, tool calls) -> the token ids the
+    # conversation's next request starts with; the slot is settled to them after Done.
+    next_turn: Callable[[dict], list[int] | None] | None = None
     masks: list[TokenMask] = field(default_factory=list)
+    tools: Any = None  # fermi.tools.ToolSet: the answer's tool calls are read out of it
+    # Another choice of the same prompt, submitted with it: its prefill is copied, not redone.
+    share: "Request | None" = None
     # Records (Delta, Done) or an exception, in order, called on the core's thread.
     sink: Callable[[Any], None] | None = None
 

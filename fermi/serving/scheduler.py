@@ -71,23 +71,28 @@ class Scheduler:
     def submit(self, request: Request) -> Request:
         """Queue a request. Raises ContextOverflow (the prompt leaves no room),
         QueueFull (nothing queued), FermiError (bad values)."""
-        if not request.ids:
-            raise FermiError("the prompt is empty")
-        if len(request.ids) >= self.max_len:
-            raise ContextOverflow(len(request.ids), self.max_len)
-        if request.max_tokens < 0:
-            raise FermiError(f"max_tokens must be >= 0, not {request.max_tokens}")
-        request.max_tokens = min(request.max_tokens, self.max_len - len(request.ids))
-        request.submitted = time.perf_counter()
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: list[Request]) -> list[Request]:
+        """Queue requests together (the choices of one prompt), all or none."""
+        for request in requests:
+            if not request.ids:
+                raise FermiError("the prompt is empty")
+            if len(request.ids) >= self.max_len:
+                raise ContextOverflow(len(request.ids), self.max_len)
+            if request.max_tokens < 0:
+                raise FermiError(f"max_tokens must be >= 0, not {request.max_tokens}")
+            request.max_tokens = min(request.max_tokens, self.max_len - len(request.ids))
+            request.submitted = time.perf_counter()
         with self.lock:
             waiting = self.queued()
             # The slots the first waiting ones will take: free ones, and those settling (a step's work).
             free = sum(not s.busy for s in self.slots.slots) + sum(r.settle for r in self.running)
-            if waiting >= self.queue_max + free:
+            if waiting + len(requests) > self.queue_max + free:
                 raise QueueFull(waiting)
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.lock.notify_all()
-        return request
+        return requests
 
     def queued(self) -> int:
         return sum(not r.cancelled for r in self.waiting)
@@ -210,12 +215,15 @@ class Scheduler:
         slot.ids = slot.ids[:r.cached]
         try:
             r.output = Output(self.engine.tokenizer, self.engine.eos_ids, r.max_tokens, r.stop, r.in_reasoning,
-                              r.keep_reasoning, r.params.logprobs is not None)
+                              r.keep_reasoning, r.params.logprobs is not None,
+                              r.tools.parser() if r.tools is not None else None)
             r.sampler = self.runtime.sampler(r.params, r.ids)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             self._fail(r, e)
             return
-        r.state = "prefill"
+        leader = r.share
+        # A choice of a prompt another request is prefilling waits for its cache rows.
+        r.state = "fork" if leader is not None and leader.state == "prefill" else "prefill"
         self.running.append(r)
         if r.max_tokens == 0:
             self._finish(r, "length")
@@ -226,6 +234,9 @@ class Scheduler:
         """Chunks of the prompts being prefilled, oldest first, under the budget.
         Returns the requests whose prompt is now in full, with the last position's logits."""
         ready, work, budget = [], [], self.prefill_budget
+        for r in self.running:
+            if r.state == "fork" and r.share.state != "prefill":
+                r.state = "prefill"  # the leader ended (or failed) first: its own prefill
         # Settles run in time nothing else wants, unless a request waits for that slot
         # (then first): they only speed up a next turn that may never come.
         idle = not any(r.state in ("prefill", "decode") and not r.settle for r in self.running)
@@ -260,7 +271,18 @@ class Scheduler:
                     else:
                         r.state = "sample"
                         ready.append((r, lg))
+                        ready += self._forks(r, lg)
         return ready
+
+    def _forks(self, leader: Request, logits) -> list[tuple[Request, object]]:
+        """The choices waiting on `leader`'s prefill take a copy of its cache rows and
+        sample from its last logits."""
+        out = []
+        for r in [r for r in self.running if r.state == "fork" and r.share is leader]:
+            self.cache.copy(leader.slot, r.slot, len(r.ids))
+            r.prefilled, r.state = len(r.ids), "sample"
+            out.append((r, logits))
+        return out
 
     def _groups(self, work: list[tuple[Request, int]]) -> list[list[tuple[Request, int]]]:
         """The chunks prefilled together in one forward: longest first, while the
@@ -369,7 +391,7 @@ class Scheduler:
         nxt = None
         if finish != "cancelled" and r.next_turn is not None:
             try:
-                nxt = r.next_turn("".join(r.output.content))
+                nxt = r.next_turn(r.output.reply())
             except Exception:  # noqa: BLE001 - only the next request's speed is at stake
                 log.exception("could not render the next turn")
         self._release(r)
