@@ -112,7 +112,8 @@ class Engine:
         params = self.sampling(prompt, **sampling)
         request = Request(prompt.ids, params, self.context_length if max_tokens is None else max_tokens, stop,
                           prompt.in_reasoning, prompt.keep_reasoning,
-                          next_turn=lambda reply: self.next_turn_ids(messages, reply, thinking, tools), tools=tools)
+                          next_turn=(lambda reply: self.next_turn_ids(messages, reply, thinking, tools)) if messages
+                          else None, tools=tools)
         if grammar is not None:
             request.masks.append(self.grammars.mask(grammar, dormant=prompt.in_reasoning))
         return request

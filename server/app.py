@@ -1,7 +1,8 @@
 """The Litestar application: `create_app()` wires the controllers, the engine
 thread (started by the lifespan, which loads the model there so the port answers
 /health with 503 meanwhile), the API key guard, and the one error shape every
-failure answers with: {"error": {"message", "type", "param", "code"}}."""
+failure answers with: {"error": {"message", "type", "param", "code"}} (on
+Ollama's /api routes, Ollama's {"error": "…"})."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from fermi.serving import DEFAULT_TTL_MS, Limits
 
 from .chat import ChatController
 from .models import HealthController, ModelsController
+from .ollama import OllamaController, root
 from .responses import ResponsesController
 from .scheduler import Serving
 from .schemas import APIError
@@ -106,8 +108,9 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
 
     v1 = Router(path="/v1", route_handlers=[ChatController, ResponsesController, ModelsController],
                 guards=[api_key_guard])
+    ollama = Router(path="/", route_handlers=[OllamaController], guards=[api_key_guard])
     app = Litestar(
-        route_handlers=[v1, HealthController],
+        route_handlers=[v1, ollama, HealthController, root],
         dependencies={"serving": Provide(lambda: serving, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
@@ -165,7 +168,9 @@ def to_api_error(exc: Exception) -> APIError:
 def error_response(request: Request, exc: Exception) -> Response:
     err = to_api_error(exc)
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return Response(err.body(), status_code=err.status, headers=headers, media_type="application/json")
+    # Ollama's clients read {"error": "…"}; OpenAI's the error object.
+    body = {"error": err.message} if request.url.path.startswith("/api/") else err.body()
+    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
 class RequestLog:

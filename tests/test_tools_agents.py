@@ -1,7 +1,7 @@
 """Slow tier: a full tool round trip with Qwen2.5-Coder-0.5B (its own template
 teaches the Hermes format; greedily it answers with the bare call object), through
-chat completions and the Responses API, streamed and not; and the OpenAI Agents
-SDK running an agent with one function tool. A 0.5B model may only echo the tool's
+chat completions, the Responses API and Ollama's /api/chat, streamed and not; and
+the OpenAI Agents SDK running an agent with one function tool. A 0.5B model may only echo the tool's
 result: these tests assert the wire shapes and the prefix reuse, not its wording."""
 
 import asyncio
@@ -95,3 +95,16 @@ def test_an_agents_sdk_agent_calls_its_tool_and_finishes(server):
     result = asyncio.run(Runner.run(agent, QUESTION, max_turns=4))
     assert seen and set(seen) == {"Paris"}  # (a 0.5B model may call it again before it answers)
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_the_ollama_client_gets_calls_with_object_arguments(server):
+    import ollama
+
+    client = ollama.Client(host=server.base, timeout=300)
+    r = client.chat(model=MODEL, messages=ASK, tools=TOOLS, options={"temperature": 0, "num_predict": 60})
+    (call,) = r.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+    chunks = list(client.chat(model=MODEL, messages=ASK, tools=TOOLS, options={"temperature": 0, "num_predict": 60},
+                              stream=True))
+    calls = [c for ch in chunks for c in (ch.message.tool_calls or [])]
+    assert [(c.function.name, c.function.arguments) for c in calls] == [("get_weather", {"city": "Paris"})]

@@ -1,0 +1,362 @@
+"""Ollama's API on the same server and port as /v1: POST /api/chat and
+/api/generate (NDJSON streamed by default, one object with stream=false),
+GET /api/tags, POST /api/show, GET /api/ps, GET /api/version, GET /api/health,
+and GET / (clients probe it). Errors are Ollama's {"error": "…"} (app.py).
+
+Requests go to the same serving core as /v1, with the same wire logic
+(wire.py): tools, a format's grammar, stop lists. Ollama spells some things its
+own way: `think` (true, false or an effort: on), `options` (num_predict is
+max_tokens; hardware hints such as num_thread are accepted and have no effect
+here; a sampling option fermi does not have is a 400), tool-call arguments as
+objects (so a call goes out once it is whole), durations in nanoseconds."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from typing import Any, AsyncIterator
+
+import msgspec
+from litestar import Controller, Request, delete, get, post
+from litestar.response import Response, Stream
+from msgspec import Struct
+
+from fermi import __version__
+from fermi.engine import Engine, Prompt
+from fermi.errors import FermiError
+from fermi.serving import Done, ToolCall
+
+from .scheduler import Job, Serving
+from .schemas import APIError
+from .wire import json_format, note, stop_list, tool_set
+
+SAMPLING = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
+            "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+            "frequency_penalty": "frequency_penalty"}
+# Hints about hardware and memory that a local runtime takes and fermi decides itself.
+HINTS = {"num_thread", "num_gpu", "main_gpu", "num_batch", "use_mmap", "use_mlock", "low_vram", "numa", "f16_kv",
+         "vocab_only", "num_keep"}
+
+
+class OllamaMessage(Struct, kw_only=True):
+    role: str
+    content: str | None = None
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+
+
+class OllamaChat(Struct, kw_only=True):
+    model: str
+    messages: list[OllamaMessage] = []
+    tools: list[dict[str, Any]] | None = None
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    stream: bool = True
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+
+
+class OllamaGenerate(Struct, kw_only=True):
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    images: list[str] | None = None
+    suffix: str | None = None
+    context: list[int] | None = None
+    format: str | dict[str, Any] | None = None
+    options: dict[str, Any] | None = None
+    stream: bool = True
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+
+
+class ShowRequest(Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None  # the older spelling
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def model_name(serving: Serving, name: str) -> Engine:
+    """The engine, when `name` (with or without Ollama's `:latest` tag) means it."""
+    name = name[:-len(":latest")] if name.endswith(":latest") else name
+    return serving.require_model(name or None)
+
+
+def thinking(think) -> str:
+    if think is None:
+        return "auto"
+    if isinstance(think, bool):
+        return "on" if think else "off"
+    if think not in ("low", "medium", "high"):
+        raise APIError(400, f"think must be true, false, low, medium or high, not '{think}'", param="think")
+    return "on"
+
+
+def options(opts: dict | None) -> tuple[dict, int | None, list[str] | None, int | None]:
+    """Ollama's options -> (sampling, max_tokens, stop, num_ctx)."""
+    sampling, max_tokens, stop, num_ctx = {}, None, None, None
+    for key, value in (opts or {}).items():
+        if key in SAMPLING:
+            sampling[SAMPLING[key]] = value
+        elif key == "num_predict":
+            max_tokens = None if value is None or value < 0 else int(value)
+        elif key == "stop":
+            stop = stop_list(value)
+        elif key == "num_ctx":
+            num_ctx = int(value)
+        elif key not in HINTS:
+            raise APIError(400, f"option '{key}' is not supported by this server", param=f"options.{key}")
+    if sampling.get("top_k") is not None and sampling["top_k"] <= 0:
+        sampling["top_k"] = 0
+    for name, value in sampling.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise APIError(400, f"option '{name}' must be a number", param=f"options.{name}")
+    return sampling, max_tokens, stop, num_ctx
+
+
+def fmt(value) -> dict | bool | None:
+    """`format`: "json" (any JSON object) or a JSON schema."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return True
+    if isinstance(value, dict):
+        return json_format({"type": "json_schema", "schema": value}, "format", flat=True)
+    raise APIError(400, f"format must be \"json\" or a JSON schema, not '{value}'", param="format")
+
+
+def chat_messages(data: OllamaChat) -> list[dict]:
+    out = []
+    for i, m in enumerate(data.messages):
+        if m.images:
+            raise APIError(400, "images are not supported: this server runs text models", param=f"messages[{i}]")
+        if m.role not in ("system", "user", "assistant", "tool"):
+            raise APIError(400, f"a message's role must be system, user, assistant or tool, not '{m.role}'",
+                           param=f"messages[{i}].role")
+        message = {"role": m.role, "content": m.content or ""}
+        if m.thinking and m.role == "assistant":
+            message["reasoning_content"] = m.thinking
+        if m.tool_calls and m.role == "assistant":
+            message["tool_calls"] = [{"type": "function", "function": c.get("function", c)} for c in m.tool_calls]
+        if m.tool_name:
+            message["name"] = m.tool_name
+        out.append(message)
+    if not out:
+        raise APIError(400, "messages must not be empty", param="messages")
+    return out
+
+
+def stats(done: Done, started: float) -> dict:
+    """Ollama's counts and durations (nanoseconds)."""
+    ns = lambda s: int(s * 1e9)  # noqa: E731
+    evaluated = done.prompt_tokens - done.cached_tokens
+    eval_s = (done.completion_tokens - 1) / done.decode_tps if done.decode_tps else 0.0
+    return {"done_reason": "length" if done.finish_reason == "length" else "stop",
+            "total_duration": ns(time.perf_counter() - started), "load_duration": 0,
+            "prompt_eval_count": done.prompt_tokens,
+            "prompt_eval_duration": ns(evaluated / done.prefill_tps) if done.prefill_tps else 0,
+            "eval_count": done.completion_tokens, "eval_duration": ns(eval_s)}
+
+
+class Answer:
+    """Records -> Ollama's pieces: text, thinking, and tool calls once each is whole."""
+
+    def __init__(self):
+        self.content, self.thinking, self.calls = [], [], []
+        self.open: dict | None = None  # the call being generated
+
+    def add(self, rec) -> dict:
+        """The record as a chunk's fields (empty when nothing goes out yet)."""
+        if isinstance(rec, ToolCall):
+            out = self.close_call() if rec.name is not None else {}
+            if rec.name is not None:
+                self.open = {"name": rec.name, "arguments": ""}
+            self.open["arguments"] += rec.arguments
+            return out
+        out = self.close_call()
+        (self.thinking if rec.kind == "reasoning" else self.content).append(rec.text)
+        return {**out, ("thinking" if rec.kind == "reasoning" else "content"): rec.text}
+
+    def close_call(self) -> dict:
+        if self.open is None:
+            return {}
+        try:
+            arguments = json.loads(self.open["arguments"] or "{}")
+        except ValueError:  # cut off (max tokens): the text as it stands
+            arguments = {"_raw": self.open["arguments"]}
+        call = {"function": {"name": self.open["name"], "arguments": arguments}}
+        self.calls.append(call)
+        self.open = None
+        return {"tool_calls": [call]}
+
+    def whole(self) -> dict:
+        self.close_call()
+        out = {"content": "".join(self.content)}
+        if self.thinking:
+            out["thinking"] = "".join(self.thinking)
+        if self.calls:
+            out["tool_calls"] = self.calls
+        return out
+
+
+def ndjson(obj) -> bytes:
+    return msgspec.json.encode(obj) + b"\n"
+
+
+async def answer(request: Request, job: Job, engine: Engine, shape, stream: bool, started: float):
+    """The reply, streamed as NDJSON or whole; shape(fields) -> the object's own fields."""
+    log = request.scope.get("fermi.log", {})
+    if stream:
+        return Stream(ndjson_chunks(job, engine, shape, started, log), media_type="application/x-ndjson")
+    records = (await job.collect(request.receive))[0]
+    reply = Answer()
+    for rec in records[:-1]:
+        reply.add(rec)
+    note(log, records[-1])
+    return {"model": engine.name, "created_at": now(), **shape(reply.whole()), "done": True,
+            **stats(records[-1], started)}
+
+
+async def ndjson_chunks(job: Job, engine: Engine, shape, started: float, log: dict) -> AsyncIterator[bytes]:
+    reply = Answer()
+    log.update(prompt_tokens=len(job.request.ids))
+    try:
+        async for _, rec in job.records():
+            if isinstance(rec, Done):
+                if closing := reply.close_call():
+                    yield ndjson({"model": engine.name, "created_at": now(), **shape(closing), "done": False})
+                note(log, rec)
+                yield ndjson({"model": engine.name, "created_at": now(), **shape({"content": ""}), "done": True,
+                              **stats(rec, started)})
+                return
+            fields = reply.add(rec)
+            if fields:
+                yield ndjson({"model": engine.name, "created_at": now(), **shape(fields), "done": False})
+    except (FermiError, APIError) as e:  # after the headers: an error object ends the stream
+        yield ndjson({"error": e.message if isinstance(e, APIError) else str(e)})
+    finally:
+        if not job.finished:
+            log["note"] = "client disconnected"
+        job.abandon()
+
+
+def chat_shape(fields: dict) -> dict:
+    return {"message": {"role": "assistant", "content": fields.pop("content", ""), **fields}}
+
+
+def generate_shape(fields: dict) -> dict:
+    out = {"response": fields.pop("content", "")}
+    if "thinking" in fields:
+        out["thinking"] = fields["thinking"]
+    return out
+
+
+def limit(max_tokens: int | None, num_ctx: int | None, prompt_tokens: int) -> int | None:
+    """num_ctx caps prompt and answer together (below the model's own context)."""
+    if num_ctx is None:
+        return max_tokens
+    if prompt_tokens >= num_ctx:
+        raise APIError(400, f"the prompt has {prompt_tokens} tokens, num_ctx is {num_ctx}", param="options.num_ctx")
+    room = num_ctx - prompt_tokens
+    return room if max_tokens is None else min(max_tokens, room)
+
+
+class OllamaController(Controller):
+    path = "/api"
+    tags = ["ollama"]
+
+    @post("/chat", summary="Ollama: chat", status_code=200)
+    async def chat(self, request: Request, data: OllamaChat, serving: Serving) -> Any:
+        started = time.perf_counter()
+        engine = model_name(serving, data.model)
+        sampling, max_tokens, stop, num_ctx = options(data.options)
+        messages = chat_messages(data)
+        tools = tool_set(data.tools, None, None)
+        schema = fmt(data.format)
+        if num_ctx is not None:
+            max_tokens = limit(max_tokens, num_ctx, len(engine.prompt(messages, thinking(data.think), tools).ids))
+        job = await serving.start_job(messages, thinking(data.think), sampling, max_tokens, stop, tools=tools,
+                                     json_schema=schema)
+        return await answer(request, job, engine, chat_shape, data.stream, started)
+
+    @post("/generate", summary="Ollama: generate", status_code=200)
+    async def generate(self, request: Request, data: OllamaGenerate, serving: Serving) -> Any:
+        started = time.perf_counter()
+        engine = model_name(serving, data.model)
+        for name in ("images", "suffix", "context"):
+            if getattr(data, name):
+                raise APIError(400, f"'{name}' is not supported by this server", param=name)
+        sampling, max_tokens, stop, num_ctx = options(data.options)
+        mode, schema = thinking(data.think), fmt(data.format)
+        messages = ([{"role": "system", "content": data.system}] if data.system else []) + \
+            [{"role": "user", "content": data.prompt}]
+        prompt = None
+        if data.raw:  # the text as it is, no template
+            prompt = Prompt(data.prompt, engine.tokenizer.encode(data.prompt), False, False, True)
+            messages = []
+        if num_ctx is not None:
+            ids = prompt.ids if prompt else engine.prompt(messages, mode).ids
+            max_tokens = limit(max_tokens, num_ctx, len(ids))
+        job = await serving.start_job(messages, mode, sampling, max_tokens, stop, json_schema=schema, prompt=prompt)
+        return await answer(request, job, engine, generate_shape, data.stream, started)
+
+    @get("/tags", summary="Ollama: the models here")
+    async def list_tags(self, serving: Serving) -> dict:
+        engine = serving.require_engine()
+        return {"models": [card(engine)]}
+
+    @get("/ps", summary="Ollama: the models loaded")
+    async def ps(self, serving: Serving) -> dict:
+        engine = serving.require_engine()
+        return {"models": [{**card(engine), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
+                            "context_length": engine.context_length}]}
+
+    @post("/show", summary="Ollama: a model's details", status_code=200)
+    async def show(self, data: ShowRequest, serving: Serving) -> dict:
+        engine = model_name(serving, data.model or data.name or "")
+        c = engine.model.config
+        capabilities = ["completion", "tools"] + (["thinking"] if engine.template.has_thinking_switch else [])
+        info = {"general.architecture": c.model_type, f"{c.model_type}.context_length": engine.context_length,
+                f"{c.model_type}.embedding_length": c.hidden_size, f"{c.model_type}.block_count": c.num_hidden_layers}
+        return {"modelfile": "", "parameters": "", "template": engine.template.source, "details": details(engine),
+                "model_info": info, "capabilities": capabilities, "modified_at": now()}
+
+    @get("/version", summary="Ollama: the server's version")
+    async def get_version(self) -> dict:
+        return {"version": __version__}
+
+    @get("/health", summary="Ollama: liveness")
+    async def liveness(self) -> dict:
+        return {"status": "ok"}
+
+    @post("/pull", summary="Ollama: pull a model (not built yet)", status_code=200)
+    async def pull_model(self) -> None:
+        raise APIError(501, "pulling models through the API is not built yet: load one with fermi serve --model")
+
+    @delete("/delete", summary="Ollama: delete a model (not built yet)", status_code=200)
+    async def delete_model(self) -> None:
+        raise APIError(501, "deleting models through the API is not built yet")
+
+
+def details(engine: Engine) -> dict:
+    r = engine.runtime
+    return {"format": "gguf" if engine.model.gguf else "safetensors", "family": engine.model.config.model_type,
+            "parameter_size": "", "quantization_level": str(r.dtype)}
+
+
+def card(engine: Engine) -> dict:
+    size = engine.model.gguf.stat().st_size if engine.model.gguf else int(getattr(engine.runtime, "weight_bytes", 0))
+    return {"name": engine.name, "model": engine.name, "modified_at": now(), "size": size,
+            "digest": "", "details": details(engine)}
+
+
+@get("/", summary="Ollama clients probe this", media_type="text/plain", include_in_schema=False)
+async def root() -> Response:
+    return Response("fermi is running", media_type="text/plain")
