@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
     add_generation_args(p)
     p.add_argument("--show-thinking", action="store_true", help="print the reasoning to stdout too")
     p.add_argument("--verbose", "-v", action="store_true", help="a stats line on stderr after the answer")
+    p.add_argument("--raw", action="store_true", help="the prompt as it is, no chat template (a base model)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="the answer is a JSON object (grammar-constrained)")
     g.add_argument("--json-schema", metavar="FILE", type=Path,
@@ -41,13 +42,16 @@ def json_schema(args) -> dict | bool | None:
 
 def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.raw and args.system:
+        raise FermiError("--raw sends the prompt as it is: a --system message has no place in it")
     schema = json_schema(args)
     engine = load_engine(args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}
     ]
-    request = engine.request(messages, args.thinking, args.max_new_tokens, args.stop, json_schema=schema,
-                             **sampling_kwargs(args))
+    raw = engine.raw_prompt(prompt) if args.raw else None
+    request = engine.request([] if raw else messages, args.thinking, args.max_new_tokens, args.stop, prompt=raw,
+                             json_schema=schema, **sampling_kwargs(args))
     stream = engine.scheduler().run(request)
     out, err = sys.stdout, sys.stderr
     shown = "content"  # the kind of the text last written to stdout

@@ -31,6 +31,7 @@ class Prompt:
     thinking: bool  # the model is expected to think (decides default sampling)
     in_reasoning: bool  # generation starts inside an open think block
     keep_reasoning: bool  # False for thinking off: a think block the model emits is stripped
+    raw: bool = False  # no chat template: the text as it is, the reply as the model writes it
 
 
 class Engine:
@@ -81,6 +82,17 @@ class Engine:
         thinks = thinking == "on" or (thinking == "auto" and (self.template.has_thinking_switch or in_reasoning))
         return Prompt(text, self.tokenizer.encode(text), thinks, in_reasoning, thinking != "off")
 
+    def raw_prompt(self, text: str) -> Prompt:
+        """`text` as it is, no chat template (a base model's completion)."""
+        return Prompt(text, self.tokenizer.encode(text), False, False, True, raw=True)
+
+    def raw_ids(self, ids: list[int]) -> Prompt:
+        """Token ids as they are (a completion's prompt sent as tokens)."""
+        vocab = self.model.config.vocab_size
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise FermiError(f"a prompt's token ids must be in [0, {vocab})")
+        return Prompt(self.tokenizer.decode(ids), list(ids), False, False, True, raw=True)
+
     def sampling(self, prompt: Prompt, **given) -> SamplingParams:
         """The request's sampling values; what it leaves None comes from the model's
         generation_config, else from the recommendations for its thinking mode."""
@@ -113,7 +125,7 @@ class Engine:
         request = Request(prompt.ids, params, self.context_length if max_tokens is None else max_tokens, stop,
                           prompt.in_reasoning, prompt.keep_reasoning,
                           next_turn=(lambda reply: self.next_turn_ids(messages, reply, thinking, tools)) if messages
-                          else None, tools=tools)
+                          else None, tools=tools, raw=prompt.raw)
         if grammar is not None:
             request.masks.append(self.grammars.mask(grammar, dormant=prompt.in_reasoning))
         return request
@@ -126,7 +138,7 @@ class Engine:
             params = replace(params, seed=params.seed + index)
         return Request(request.ids, params, request.max_tokens, request.stop, request.in_reasoning,
                        request.keep_reasoning,  # no settle: a next turn most likely continues choice 0
-                       masks=[m.fork() for m in request.masks], tools=request.tools, share=request)
+                       masks=[m.fork() for m in request.masks], tools=request.tools, raw=request.raw, share=request)
 
     def _open_thinking(self, prompt: Prompt) -> Prompt:
         """A constrained reply that thinks first starts inside an open think block, so

@@ -29,13 +29,17 @@ class ThinkingSplitter:
     With keep_reasoning False (thinking off) reasoning is dropped: a think block
     the model still emits is stripped from the answer."""
 
-    def __init__(self, in_reasoning: bool = False, keep_reasoning: bool = True):
+    def __init__(self, in_reasoning: bool = False, keep_reasoning: bool = True, split: bool = True):
+        """split False: the text as it comes, all content (a raw completion)."""
+        self.split = split
         self.in_reasoning = in_reasoning
         self.keep_reasoning = keep_reasoning
         self.pending = ""
         self.trim = True  # drop the whitespace that opens a reasoning or an answer
 
     def feed(self, text: str) -> list[tuple[str, str]]:
+        if not self.split:
+            return [("content", text)] if text else []
         out: list[tuple[str, str]] = []
         buf = self.pending + text
         while buf:

@@ -29,6 +29,7 @@ from fermi.errors import ContextOverflow, FermiError
 from fermi.serving import DEFAULT_TTL_MS, Limits
 
 from .chat import ChatController
+from .completions import CompletionsController
 from .models import HealthController, ModelsController
 from .ollama import OllamaController, root
 from .responses import ResponsesController
@@ -106,7 +107,7 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_key.encode()):
             raise NotAuthorizedException("missing or wrong API key: send 'Authorization: Bearer <key>'")
 
-    v1 = Router(path="/v1", route_handlers=[ChatController, ResponsesController, ModelsController],
+    v1 = Router(path="/v1", route_handlers=[ChatController, CompletionsController, ResponsesController, ModelsController],
                 guards=[api_key_guard])
     ollama = Router(path="/", route_handlers=[OllamaController], guards=[api_key_guard])
     app = Litestar(

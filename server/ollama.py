@@ -23,7 +23,7 @@ from litestar.response import Response, Stream
 from msgspec import Struct
 
 from fermi import __version__
-from fermi.engine import Engine, Prompt
+from fermi.engine import Engine
 from fermi.errors import FermiError
 from fermi.serving import Done, ToolCall
 
@@ -299,7 +299,7 @@ class OllamaController(Controller):
             [{"role": "user", "content": data.prompt}]
         prompt = None
         if data.raw:  # the text as it is, no template
-            prompt = Prompt(data.prompt, engine.tokenizer.encode(data.prompt), False, False, True)
+            prompt = engine.raw_prompt(data.prompt)
             messages = []
         if num_ctx is not None:
             ids = prompt.ids if prompt else engine.prompt(messages, mode).ids

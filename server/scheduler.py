@@ -114,20 +114,24 @@ class Serving(EngineThread):
     async def start_job(self, messages: list[dict], thinking: str, sampling: dict, max_tokens: int | None,
                         stop: list[str] | None, n: int = 1, **constraints) -> Job:
         """Render the prompt and queue the generation (n choices of it, prefilled once).
-        constraints: Engine.request's tools and json_schema. Raises APIError (400 prompt
-        too long or a constraint that cannot be enforced, 503 queue full or shutting
-        down) before anything is queued."""
-        engine = self.require_engine()
+        constraints: Engine.request's tools, json_schema (and prompt). Raises APIError
+        (400 prompt too long or a constraint that cannot be enforced, 503 queue full
+        or shutting down) before anything is queued."""
 
-        def build() -> list[Request]:
+        def build(engine: Engine) -> list[Request]:
             first = engine.request(messages, thinking, max_tokens, stop, **constraints, **sampling)
             return [first] + [engine.fork(first, i) for i in range(1, n)]
 
+        return await self.start_requests(build, "tools" if constraints.get("tools") else "response_format")
+
+    async def start_requests(self, build: Callable[[Engine], list[Request]], constraint_param: str = "response_format") -> Job:
+        """Queue the requests `build` makes (on a worker thread: it renders and
+        tokenizes) as one job, all or none."""
+        engine = self.require_engine()
         try:
-            requests = await anyio.to_thread.run_sync(build)
+            requests = await anyio.to_thread.run_sync(lambda: build(engine))
         except GrammarError as e:
-            raise APIError(400, str(e), param="tools" if constraints.get("tools") else "response_format",
-                           code="invalid_json_schema") from None
+            raise APIError(400, str(e), param=constraint_param, code="invalid_json_schema") from None
         job = Job(requests, asyncio.get_running_loop())
         try:
             self.submit_all(requests)

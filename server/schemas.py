@@ -231,6 +231,48 @@ class ChatCompletionChunk(Struct, kw_only=True):
     usage: Usage | None | UnsetType = UNSET  # null on every chunk when include_usage, set on the last
 
 
+# --- completions (text, no chat template)
+
+
+class CompletionRequest(Options, kw_only=True):
+    prompt: str | list[Any]  # a string, strings, token ids, or lists of token ids (checked by the route)
+    model: str | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = 16  # OpenAI's default
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    n: Annotated[int, Meta(ge=1, le=16)] | None = None
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    user: str | None = None
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct, kw_only=True):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(Struct, kw_only=True):
+    id: str
+    object: str = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | None = None
+
+
 # --- responses: request
 
 

@@ -133,3 +133,11 @@ def test_run_json_schema_errors_are_one_line(tmp_path):
     (tmp_path / "broken.json").write_text('{"type":')
     one_line_error(fermi("run", "--json-schema", str(tmp_path / "unique.json"), "x"), "uniqueItems")
     one_line_error(fermi("run", "--json-schema", str(tmp_path / "broken.json"), "x"), "broken.json", "not JSON")
+
+
+def test_run_raw_sends_the_prompt_as_it_is():
+    r = fermi("run", "--model", "smollm2-135m", "--raw", "--temperature", "0", "--max-new-tokens", "6", "--verbose",
+              "The capital of France is")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" Paris")  # a continuation, its leading space kept
+    assert "prompt 5 tokens" in r.stderr.splitlines()[-1]

@@ -228,3 +228,30 @@ def test_langchain_bind_tools_and_structured_output(server):
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
     assert isinstance(message.tool_calls[0]["args"].get("city"), str)
     assert isinstance(llm.with_structured_output(City).invoke("Name a city in France."), City)
+
+
+# --- text completions (no chat template)
+
+
+def test_completions_whole_streamed_echo_lists_and_logprobs(client):
+    kw = dict(model=MODEL, max_tokens=8, temperature=0)
+    whole = client.completions.create(prompt="The capital of France is", **kw)
+    text = whole.choices[0].text
+    assert text.startswith(" ") and "Paris" in text  # the model's own text: its leading space kept
+    assert whole.usage.prompt_tokens == 5 and whole.choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt="The capital of France is",
+                                                                              stream=True, **kw) if c.choices)
+    assert streamed == text
+    both = client.completions.create(prompt=["The capital of France is", "One, two,"], echo=True, n=2, **kw)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert both.choices[0].text == both.choices[1].text == "The capital of France is" + text
+    assert both.choices[2].text.startswith("One, two,")
+    lp = client.completions.create(prompt="The capital of France is", logprobs=2, **kw).choices[0].logprobs
+    assert "".join(lp.tokens) == text and len(lp.token_logprobs) == len(lp.tokens) == 8
+    assert all(len(top) == 2 and max(top.values()) >= got - 1e-5 for top, got in zip(lp.top_logprobs, lp.token_logprobs))
+    ids = client.completions.create(prompt=[504, 3575, 282, 4649, 314], **kw)  # token ids
+    assert ids.usage.prompt_tokens == 5
+    with pytest.raises(BadRequestError):
+        client.completions.create(prompt="x", suffix="y", **kw)
+    with pytest.raises(BadRequestError):
+        client.completions.create(prompt=[[]], **kw)

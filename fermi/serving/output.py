@@ -16,12 +16,13 @@ from .records import Delta
 
 class Output:
     def __init__(self, tokenizer, eos_ids: set[int], max_tokens: int, stop: list[str] | None,
-                 in_reasoning: bool, keep_reasoning: bool, logprobs: bool, calls=None):
-        """calls: a toolcalls.CallParser, or None (no tools: all content is text)."""
+                 in_reasoning: bool, keep_reasoning: bool, logprobs: bool, calls=None, raw: bool = False):
+        """calls: a toolcalls.CallParser, or None (no tools: all content is text); raw:
+        the text as the model writes it (a completion: no think blocks, no trim)."""
         self.eos_ids, self.max_tokens, self.want_logprobs = eos_ids, max_tokens, logprobs
         self.detok = Detokenizer(tokenizer)
         self.stops = StopStrings(stop)
-        self.splitter = ThinkingSplitter(in_reasoning, keep_reasoning)
+        self.splitter = ThinkingSplitter(in_reasoning, keep_reasoning, split=not raw)
         self.generated: list[int] = []
         self.samples: list = []  # logprobs not yet attached to a delta
         self.content: list[str] = []  # the answer's text (for the slot's settle)

@@ -47,6 +47,7 @@ class Request:
     next_turn: Callable[[dict], list[int] | None] | None = None
     masks: list[TokenMask] = field(default_factory=list)
     tools: Any = None  # fermi.tools.ToolSet: the answer's tool calls are read out of it
+    raw: bool = False  # a completion: the text as the model writes it (no thinking split, no trim)
     # Another choice of the same prompt, submitted with it: its prefill is copied, not redone.
     share: "Request | None" = None
     # Records (Delta, Done) or an exception, in order, called on the core's thread.

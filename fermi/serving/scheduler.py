@@ -216,7 +216,7 @@ class Scheduler:
         try:
             r.output = Output(self.engine.tokenizer, self.engine.eos_ids, r.max_tokens, r.stop, r.in_reasoning,
                               r.keep_reasoning, r.params.logprobs is not None,
-                              r.tools.parser() if r.tools is not None else None)
+                              r.tools.parser() if r.tools is not None else None, r.raw)
             r.sampler = self.runtime.sampler(r.params, r.ids)
         except Exception as e:  # noqa: BLE001 - this request fails alone
             self._fail(r, e)
