@@ -98,3 +98,35 @@ def test_without_parallel_calls_the_parser_says_when_the_one_call_is_whole():
     assert not p.finished
     p.feed("\n</tool_call>")
     assert p.finished
+
+
+@pytest.mark.parametrize("fmt,answer", [
+    ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>'),
+    ("llama3", '{"name": "get_weather", "parameters": {"city": "Paris", "days": 2}}'),
+    ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                    "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"),
+])
+def test_each_format_s_forced_grammar_takes_its_own_call_and_the_parser_reads_it(fmt, answer):
+    """The forced-call grammar of each format, on the embedded model's real tokenizer:
+    the format's own call is accepted token by token and ends the answer (only EOS
+    after it); its parser reads the same call back."""
+    import numpy as np
+
+    from fermi.grammar import start
+    from models import engine
+
+    eng = engine("torch")
+    tools = ToolSet([{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+        "required": ["city", "days"]}}}], "required", parallel=False)
+    tools.fmt = fmt
+    mask = eng.grammars.mask(start({"calls": tools.rules(eng.grammars.literal)}))
+    words = -(-eng.runtime.config.vocab_size // 32)
+    for token in eng.tokenizer.encode(answer):
+        mask.accept(token)  # raises if the grammar refuses it
+    row = np.full(words, -1, dtype=np.int32)
+    mask.fill(row)
+    allowed = set(np.nonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))[0])
+    assert allowed <= eng.eos_ids
+    content, calls, _ = parse(fmt, [answer])
+    assert calls == [("get_weather", '{"city": "Paris", "days": 2}')] and not content.strip()
