@@ -8,18 +8,19 @@ import sys
 from fermi import __version__
 from fermi.errors import FermiError
 
-from . import bench, chat, run, serve
+from . import bench, chat, models, run, serve
 from .common import debug
 
-VERBS = [run, chat, serve, bench]
+VERBS = [run, chat, serve, models, bench]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fermi", description="Local LLM inference: Qwen3 and friends.")
     p.add_argument("--version", action="version", version=f"fermi {__version__}")
-    sub = p.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(v.__name__.split(".")[-1] for v in VERBS) + "}")
+    sub = p.add_subparsers(dest="verb", required=True)
     for verb in VERBS:
         verb.add_parser(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return p
 
 

@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     g.add_argument("--session-max", type=int, help=argparse.SUPPRESS)  # retired: the slots keep the prefixes
     g.add_argument("--session-ttl-ms", type=int, help="idle time after which a slot's kept prefix is forgotten, "
                    "0 = never (default: $FERMI_SESSION_TTL_MS or 30 minutes)")
+    g.add_argument("--max-loaded", type=int, help="models resident at once; a request may name any model of "
+                   "fermi list, loaded on first use (default: $FERMI_MAX_LOADED or 1)")
+    g.add_argument("--keep-alive", help="idle time before a model loaded on demand is unloaded: 5m, 30s, 0, -1 = "
+                   "never (default: $FERMI_KEEP_ALIVE or 5m)")
     g.add_argument("--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the model's")
     p.set_defaults(func=serve)
 
@@ -42,11 +46,13 @@ def add_parser(sub) -> None:
 def serve(args) -> int:
     import uvicorn
 
+    from fermi.engine import Engine
     from fermi.server.app import RequestLog, Settings, create_app
     from fermi.template import ChatTemplate
 
     settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
-                                 queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms)
+                                 queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms,
+                                 max_loaded=args.max_loaded, keep_alive=args.keep_alive)
     if args.model:
         settings.aliases = [args.model]
     template = None
@@ -81,13 +87,16 @@ def serve(args) -> int:
         server.should_exit = True
 
     def on_ready(engine) -> None:
-        log.info("ready: %s, %d slots decoded together", engine.name, len(app.state.serving.scheduler.slots))
+        log.info("ready: %s, %d slots decoded together", engine.name, len(app.state.fleet.primary.scheduler.slots))
 
-    app = create_app(load, settings, on_ready=on_ready, on_error=on_error)
+    def load_model(spec: str):  # another model a request names: the same backend, dtype and weights' format
+        return Engine.load(spec, args.backend, args.dtype, args.quantize)
+
+    app = create_app(load, settings, on_ready=on_ready, on_error=on_error, load_model=load_model)
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     sock = bind(settings.host, settings.port)
-    server = make_server(config, app.state.serving)
+    server = make_server(config, app.state.fleet)
     server.run(sockets=[sock])
     if failed:
         e = failed[0]
@@ -109,7 +118,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(config, serving):
+def make_server(config, fleet):
     """uvicorn's Server, plus: a shutdown signal cancels the running generations
     (so their streams end now), and a clean shutdown exits 0 rather than
     re-raising the signal."""
@@ -122,10 +131,10 @@ def make_server(config, serving):
                 host, port = (sockets[0].getsockname()[:2] if sockets else (config.host, config.port))
                 logging.getLogger("fermi.server").info(
                     "listening on http://%s:%d (model %s)", host, port,
-                    "ready" if serving.ready.is_set() else "loading")
+                    "ready" if fleet.primary is None or fleet.primary.ready.is_set() else "loading")
 
         def handle_exit(self, sig, frame):
-            serving.cancel_all()
+            fleet.cancel_all()
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 

@@ -6,6 +6,7 @@ Ollama's /api routes, Ollama's {"error": "…"})."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -33,7 +34,7 @@ from .completions import CompletionsController
 from .models import HealthController, ModelsController
 from .ollama import OllamaController, root
 from .responses import ResponsesController
-from .scheduler import Serving
+from .fleet import Fleet, keep_alive_seconds
 from .schemas import APIError
 
 log = logging.getLogger("fermi.server")
@@ -50,11 +51,14 @@ class Settings:
     queue_max: int = 64  # FERMI_QUEUE_MAX: generations waiting beyond those; more are refused (503)
     session_ttl_ms: int = DEFAULT_TTL_MS  # FERMI_SESSION_TTL_MS: a slot's kept prefix is forgotten after; 0 = never
     max_body: int = MAX_BODY  # FERMI_MAX_BODY: bytes; larger request bodies are refused (413)
+    max_loaded: int = 1  # FERMI_MAX_LOADED: models resident at once
+    keep_alive: str = "5m"  # FERMI_KEEP_ALIVE: idle time before a model loaded on demand is unloaded
     aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
 
     ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "parallel": "FERMI_ENGINE_POOL",
-           "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY"}
-    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body")
+           "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY",
+           "max_loaded": "FERMI_MAX_LOADED", "keep_alive": "FERMI_KEEP_ALIVE"}
+    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded")
 
     @classmethod
     def from_env(cls, env=None, **flags) -> "Settings":
@@ -75,30 +79,40 @@ class Settings:
                     raise FermiError(f"{var} must be an integer, not '{value}'") from None
             setattr(s, name, value)
         s.api_key = s.api_key or None
-        for name, least in (("parallel", 1), ("queue_max", 0), ("session_ttl_ms", 0), ("max_body", 0)):
+        try:
+            keep_alive_seconds(s.keep_alive)
+        except APIError as e:
+            raise FermiError(f"FERMI_KEEP_ALIVE: {e.message}") from None
+        for name, least in (("parallel", 1), ("queue_max", 0), ("session_ttl_ms", 0), ("max_body", 0),
+                            ("max_loaded", 1)):
             if getattr(s, name) is not None and getattr(s, name) < least:
                 spelled = cls.ENV[name] if name == "max_body" else f"--{name.replace('_', '-')} / {cls.ENV[name]}"
                 raise FermiError(f"{spelled} must be at least {least}, not {getattr(s, name)}")
         return s
 
 
-def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = None,
+def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | None = None,
                on_ready: Callable[[Engine], None] | None = None,
-               on_error: Callable[[BaseException], None] | None = None) -> Litestar:
-    """The app. `load` makes the engine (it runs on the engine thread, after the
-    server is up), or is an engine already loaded."""
+               on_error: Callable[[BaseException], None] | None = None,
+               load_model: Callable[[str], Engine] | None = None) -> Litestar:
+    """The app. `load` makes the server's model (it runs on an engine thread, after
+    the server is up), or is an engine already loaded, or None (none until a request
+    names one); load_model(spec) makes the others a request names (fleet.py)."""
     settings = settings or Settings()
-    loader = load if callable(load) and not isinstance(load, Engine) else (lambda: load)
-    serving = Serving(loader, Limits(settings.parallel, settings.queue_max, settings.session_ttl_ms),
-                      on_ready=on_ready, on_error=on_error, aliases=settings.aliases)
+    loader = load if callable(load) and not isinstance(load, Engine) else (None if load is None else lambda: load)
+    fleet = Fleet(loader, load_model or (lambda spec: Engine.load(spec)),
+                  Limits(settings.parallel, settings.queue_max, settings.session_ttl_ms), settings.max_loaded,
+                  keep_alive_seconds(settings.keep_alive), settings.aliases, on_ready, on_error)
 
     @asynccontextmanager
     async def lifespan(app: Litestar):
-        serving.start()
+        fleet.start()
+        reaper = asyncio.ensure_future(fleet.reap())
         try:
             yield
         finally:
-            await anyio.to_thread.run_sync(serving.stop)
+            reaper.cancel()
+            await anyio.to_thread.run_sync(fleet.stop)
 
     def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         if not settings.api_key:
@@ -112,7 +126,7 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
     ollama = Router(path="/", route_handlers=[OllamaController], guards=[api_key_guard])
     app = Litestar(
         route_handlers=[v1, ollama, HealthController, root],
-        dependencies={"serving": Provide(lambda: serving, sync_to_thread=False)},
+        dependencies={"fleet": Provide(lambda: fleet, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body,
@@ -120,7 +134,7 @@ def create_app(load: Callable[[], Engine] | Engine, settings: Settings | None = 
                                      description="An OpenAI-compatible server for local models."),
         debug=False,
     )
-    app.state.serving = serving
+    app.state.fleet = fleet
     app.state.settings = settings
     return app
 

@@ -16,7 +16,8 @@ from fermi.engine import Engine
 from fermi.errors import FermiError
 from fermi.serving import Delta, Done, ToolCall
 
-from .scheduler import Job, Serving
+from .fleet import Fleet
+from .scheduler import Job
 from .schemas import (
     APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessage, ChatRequest, Choice,
     ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, ErrorBody, FunctionCall, PromptTokensDetails,
@@ -35,8 +36,9 @@ class ChatController(Controller):
           description="OpenAI's chat completions, with function tools and response_format (JSON "
                       "object or schema, enforced by a grammar). With stream=true the answer comes as "
                       "server-sent chat.completion.chunk events ending with `data: [DONE]`.")
-    async def create(self, request: Request, data: ChatRequest, serving: Serving) -> ChatCompletion:
-        engine = serving.require_model(data.model)
+    async def create(self, request: Request, data: ChatRequest, fleet: Fleet) -> ChatCompletion:
+        serving = await fleet.get(data.model)
+        engine = serving.require_engine()
         tools = tool_set(data.tools, data.tool_choice, data.parallel_tool_calls)
         schema = json_format(data.response_format, "response_format")
         messages = [message_dict(m, i) for i, m in enumerate(data.messages)]

@@ -17,7 +17,8 @@ from fermi.engine import Engine
 from fermi.errors import FermiError
 from fermi.serving import Done, Request as CoreRequest
 
-from .scheduler import Job, Serving
+from .fleet import Fleet
+from .scheduler import Job
 from .schemas import (
     APIError, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionTokensDetails, ErrorBody,
     PromptTokensDetails, Usage,
@@ -31,8 +32,9 @@ class CompletionsController(Controller):
 
     @post(summary="Create a completion", status_code=200,
           description="OpenAI's text completions: the prompt as it is, no chat template.")
-    async def create(self, request: Request, data: CompletionRequest, serving: Serving) -> Completion:
-        engine = serving.require_model(data.model)
+    async def create(self, request: Request, data: CompletionRequest, fleet: Fleet) -> Completion:
+        serving = await fleet.get(data.model)
+        engine = serving.require_engine()
         for name, ok in (("suffix", data.suffix is None), ("best_of", data.best_of in (None, 1)),
                          ("echo", not (data.echo and data.logprobs is not None))):
             if not ok:

@@ -1,7 +1,7 @@
 """Ollama's API on the same server and port as /v1: POST /api/chat and
 /api/generate (NDJSON streamed by default, one object with stream=false),
-GET /api/tags, POST /api/show, GET /api/ps, GET /api/version, GET /api/health,
-and GET / (clients probe it). Errors are Ollama's {"error": "…"} (app.py).
+GET /api/tags, POST /api/show, GET /api/ps, POST /api/pull, DELETE /api/delete,
+GET /api/version, GET /api/health, and GET / (clients probe it). Errors are Ollama's {"error": "…"} (app.py).
 
 Requests go to the same serving core as /v1, with the same wire logic
 (wire.py): tools, a format's grammar, stop lists. Ollama spells some things its
@@ -12,22 +12,25 @@ objects (so a call goes out once it is whole), durations in nanoseconds."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import json
 import time
 from typing import Any, AsyncIterator
 
+import anyio
 import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.response import Response, Stream
 from msgspec import Struct
 
-from fermi import __version__
+from fermi import __version__, registry, sources
 from fermi.engine import Engine
 from fermi.errors import FermiError
 from fermi.serving import Done, ToolCall
 
-from .scheduler import Job, Serving
+from .fleet import Fleet
+from .scheduler import Job
 from .schemas import APIError
 from .wire import json_format, note, stop_list, tool_set
 
@@ -74,6 +77,34 @@ class OllamaGenerate(Struct, kw_only=True):
     think: bool | str | None = None
 
 
+class PullRequest(Struct, kw_only=True):
+    model: str | None = None
+    name: str | None = None  # the older spelling
+    stream: bool = True
+    insecure: bool = False
+
+
+async def pull_progress(name: str) -> AsyncIterator[bytes]:
+    """registry.pull on a worker thread; its steps as Ollama's status objects."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def pull() -> None:
+        post = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+        try:
+            entry = registry.pull(name, lambda message: post({"status": message}))
+            post({"status": "success", "total": entry.size, "completed": entry.size})
+        except FermiError as e:
+            post({"error": str(e)})
+        finally:
+            post(None)
+
+    loop.run_in_executor(None, pull)  # (a client gone leaves the download to finish)
+    yield ndjson({"status": "pulling manifest"})
+    while (item := await queue.get()) is not None:
+        yield ndjson(item)
+
+
 class ShowRequest(Struct, kw_only=True):
     model: str | None = None
     name: str | None = None  # the older spelling
@@ -81,12 +112,6 @@ class ShowRequest(Struct, kw_only=True):
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def model_name(serving: Serving, name: str) -> Engine:
-    """The engine, when `name` (with or without Ollama's `:latest` tag) means it."""
-    name = name[:-len(":latest")] if name.endswith(":latest") else name
-    return serving.require_model(name or None)
 
 
 def thinking(think) -> str:
@@ -273,9 +298,10 @@ class OllamaController(Controller):
     tags = ["ollama"]
 
     @post("/chat", summary="Ollama: chat", status_code=200)
-    async def chat(self, request: Request, data: OllamaChat, serving: Serving) -> Any:
+    async def chat(self, request: Request, data: OllamaChat, fleet: Fleet) -> Any:
         started = time.perf_counter()
-        engine = model_name(serving, data.model)
+        serving = await fleet.get(data.model, data.keep_alive)
+        engine = serving.require_engine()
         sampling, max_tokens, stop, num_ctx = options(data.options)
         messages = chat_messages(data)
         tools = tool_set(data.tools, None, None)
@@ -287,9 +313,10 @@ class OllamaController(Controller):
         return await answer(request, job, engine, chat_shape, data.stream, started)
 
     @post("/generate", summary="Ollama: generate", status_code=200)
-    async def generate(self, request: Request, data: OllamaGenerate, serving: Serving) -> Any:
+    async def generate(self, request: Request, data: OllamaGenerate, fleet: Fleet) -> Any:
         started = time.perf_counter()
-        engine = model_name(serving, data.model)
+        serving = await fleet.get(data.model, data.keep_alive)
+        engine = serving.require_engine()
         for name in ("images", "suffix", "context"):
             if getattr(data, name):
                 raise APIError(400, f"'{name}' is not supported by this server", param=name)
@@ -308,24 +335,41 @@ class OllamaController(Controller):
         return await answer(request, job, engine, generate_shape, data.stream, started)
 
     @get("/tags", summary="Ollama: the models here")
-    async def list_tags(self, serving: Serving) -> dict:
-        engine = serving.require_engine()
-        return {"models": [card(engine)]}
+    async def list_tags(self, fleet: Fleet) -> dict:
+        entries = await anyio.to_thread.run_sync(registry.entries)
+        loaded = [loaded_card(s) for s in fleet.servings() if s.engine is not None]
+        names = {c["name"] for c in loaded}
+        return {"models": loaded + [entry_card(e) for e in entries if e.name not in names and not
+                                    any(e.name in s.aliases for s in fleet.servings())]}
 
     @get("/ps", summary="Ollama: the models loaded")
-    async def ps(self, serving: Serving) -> dict:
-        engine = serving.require_engine()
-        return {"models": [{**card(engine), "expires_at": "0001-01-01T00:00:00Z", "size_vram": 0,
-                            "context_length": engine.context_length}]}
+    async def ps(self, fleet: Fleet) -> dict:
+        out = []
+        for s in fleet.servings():
+            if s.engine is None:
+                continue
+            until = "0001-01-01T00:00:00Z" if s.keep_alive_s is None else _dt.datetime.fromtimestamp(
+                time.time() + s.keep_alive_s - (time.monotonic() - s.last_used), _dt.timezone.utc).isoformat()
+            out.append({**loaded_card(s), "expires_at": until, "size_vram": 0,
+                        "context_length": s.engine.context_length})
+        return {"models": out}
 
     @post("/show", summary="Ollama: a model's details", status_code=200)
-    async def show(self, data: ShowRequest, serving: Serving) -> dict:
-        engine = model_name(serving, data.model or data.name or "")
-        c = engine.model.config
-        capabilities = ["completion", "tools"] + (["thinking"] if engine.template.has_thinking_switch else [])
-        info = {"general.architecture": c.model_type, f"{c.model_type}.context_length": engine.context_length,
+    async def show(self, data: ShowRequest, fleet: Fleet) -> dict:
+        name = data.model or data.name or ""
+        s = fleet.find_loaded(name) if name else None
+        if s is not None and s.engine is not None:
+            model = s.engine.model
+        else:
+            entry = await anyio.to_thread.run_sync(registry.find, name)
+            if entry is None:
+                raise APIError(404, f"model '{name}' is not on this machine", param="model")
+            model = await anyio.to_thread.run_sync(sources.resolve, entry.spec)
+        c, template = model.config, model.chat_template or ""
+        capabilities = ["completion", "tools"] + (["thinking"] if "enable_thinking" in template else [])
+        info = {"general.architecture": c.model_type, f"{c.model_type}.context_length": c.max_position_embeddings,
                 f"{c.model_type}.embedding_length": c.hidden_size, f"{c.model_type}.block_count": c.num_hidden_layers}
-        return {"modelfile": "", "parameters": "", "template": engine.template.source, "details": details(engine),
+        return {"modelfile": "", "parameters": "", "template": template, "details": details(model),
                 "model_info": info, "capabilities": capabilities, "modified_at": now()}
 
     @get("/version", summary="Ollama: the server's version")
@@ -336,25 +380,51 @@ class OllamaController(Controller):
     async def liveness(self) -> dict:
         return {"status": "ok"}
 
-    @post("/pull", summary="Ollama: pull a model (not built yet)", status_code=200)
-    async def pull_model(self) -> None:
-        raise APIError(501, "pulling models through the API is not built yet: load one with fermi serve --model")
+    @post("/pull", summary="Ollama: pull a model from the Hugging Face hub", status_code=200)
+    async def pull_model(self, data: PullRequest) -> Any:
+        """REPO_ID, REPO_ID:FILE or REPO_ID:QUANT into the Hugging Face cache; progress
+        objects streamed (NDJSON), then {"status": "success"}, or an error object."""
+        name = data.model or data.name or ""
+        if not data.stream:
+            try:
+                await anyio.to_thread.run_sync(registry.pull, name)
+            except FermiError as e:
+                raise APIError(400, str(e), param="model") from None
+            return {"status": "success"}
+        return Stream(pull_progress(name), media_type="application/x-ndjson")
 
-    @delete("/delete", summary="Ollama: delete a model (not built yet)", status_code=200)
-    async def delete_model(self) -> None:
-        raise APIError(501, "deleting models through the API is not built yet")
+    @delete("/delete", summary="Ollama: delete a model from the Hugging Face cache", status_code=200)
+    async def delete_model(self, data: PullRequest, fleet: Fleet) -> None:
+        name = data.model or data.name or ""
+        loaded = fleet.find_loaded(name)
+        if loaded is not None:
+            if not fleet.idle(loaded):
+                raise APIError(409, f"model '{name}' is answering requests: delete it once they are done")
+            await fleet.unload(next(k for k, v in fleet.loaded.items() if v is loaded), "deleted")
+        if await anyio.to_thread.run_sync(registry.find, name) is None:
+            raise APIError(404, f"model '{name}' is not on this machine", param="model")
+        try:
+            await anyio.to_thread.run_sync(registry.remove, name)
+        except FermiError as e:
+            raise APIError(400, str(e), param="model") from None
 
 
-def details(engine: Engine) -> dict:
-    r = engine.runtime
-    return {"format": "gguf" if engine.model.gguf else "safetensors", "family": engine.model.config.model_type,
-            "parameter_size": "", "quantization_level": str(r.dtype)}
+def details(model, quantization: str = "") -> dict:
+    return {"format": "gguf" if model.gguf else "safetensors", "family": model.config.model_type,
+            "parameter_size": "", "quantization_level": quantization}
 
 
-def card(engine: Engine) -> dict:
+def loaded_card(s) -> dict:
+    engine = s.engine
     size = engine.model.gguf.stat().st_size if engine.model.gguf else int(getattr(engine.runtime, "weight_bytes", 0))
-    return {"name": engine.name, "model": engine.name, "modified_at": now(), "size": size,
-            "digest": "", "details": details(engine)}
+    return {"name": engine.name, "model": engine.name, "modified_at": now(), "size": size, "digest": "",
+            "details": details(engine.model, str(engine.runtime.dtype))}
+
+
+def entry_card(e: registry.Entry) -> dict:
+    return {"name": e.name, "model": e.name, "size": e.size, "digest": "",
+            "modified_at": _dt.datetime.fromtimestamp(e.modified, _dt.timezone.utc).isoformat(),
+            "details": {"format": e.format, "family": "", "parameter_size": "", "quantization_level": e.quantization}}
 
 
 @get("/", summary="Ollama clients probe this", media_type="text/plain", include_in_schema=False)

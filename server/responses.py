@@ -30,7 +30,8 @@ from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 from fermi.serving import Delta, Done, ToolCall
 
-from .scheduler import Job, Serving
+from .fleet import Fleet
+from .scheduler import Job
 from .schemas import (
     APIError, ErrorBody, FunctionCallItem, IncompleteDetails, InputItem, InputTokensDetails, MessageItem,
     OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject,
@@ -49,8 +50,9 @@ class ResponsesController(Controller):
           description="OpenAI's Responses API. With stream=true the answer comes as typed server-sent "
                       "events, each with its sequence_number, ending in response.completed or "
                       "response.incomplete.")
-    async def create(self, request: Request, data: ResponsesRequest, serving: Serving) -> ResponseObject:
-        engine = serving.require_model(data.model)
+    async def create(self, request: Request, data: ResponsesRequest, fleet: Fleet) -> ResponseObject:
+        serving = await fleet.get(data.model)
+        engine = serving.require_engine()
         if data.previous_response_id:
             raise APIError(400, "previous_response_id is not supported: this server stores no responses; "
                            "send the whole conversation as input", param="previous_response_id",

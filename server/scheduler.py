@@ -9,6 +9,7 @@ cancelled and leaves the batch before the next step."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import AsyncIterator, Callable
 
 import anyio
@@ -31,6 +32,7 @@ class Job:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.open = len(requests)  # choices whose Done the consumer has not seen
+        self.on_end: Callable[[], None] | None = None  # called once, when the consumer is done with it
         for i, r in enumerate(requests):
             r.sink = self._post(i)
 
@@ -50,6 +52,9 @@ class Job:
         for r in self.requests:
             if not r.finished:
                 r.cancel()
+        end, self.on_end = self.on_end, None
+        if end is not None:
+            end()
 
     async def records(self) -> AsyncIterator[tuple[int, Delta | Done]]:
         """(choice, record) as they come; ends after every choice's Done. Raises what
@@ -91,6 +96,9 @@ class Serving(EngineThread):
                  on_error: Callable[[BaseException], None] | None = None, aliases: list[str] | None = None):
         super().__init__(load, limits, on_ready, on_error)
         self.aliases = set(aliases or [])  # names besides the engine's own that mean the loaded model
+        self.inflight = 0  # jobs whose consumer has not finished (an unload waits for none)
+        self.last_used = time.monotonic()
+        self.keep_alive_s: float | None = None  # idle time before it is unloaded (fleet.py); None: never
 
     def require_engine(self) -> Engine:
         if self.error is not None:
@@ -102,14 +110,9 @@ class Serving(EngineThread):
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         return self.engine
 
-    def require_model(self, name: str | None) -> Engine:
-        """The engine, when `name` means the loaded model: left out, empty, its id
-        (engine.name) or one of the aliases (the --model spec as typed)."""
-        engine = self.require_engine()
-        if name and name != engine.name and name not in self.aliases:
-            raise APIError(404, f"model '{name}' is not served here; this server runs '{engine.name}'",
-                           type="not_found_error", param="model", code="model_not_found")
-        return engine
+    def _job_ended(self) -> None:
+        self.inflight -= 1
+        self.last_used = time.monotonic()
 
     async def start_job(self, messages: list[dict], thinking: str, sampling: dict, max_tokens: int | None,
                         stop: list[str] | None, n: int = 1, **constraints) -> Job:
@@ -135,6 +138,8 @@ class Serving(EngineThread):
         job = Job(requests, asyncio.get_running_loop())
         try:
             self.submit_all(requests)
+            self.inflight += 1
+            job.on_end = self._job_ended
         except ContextOverflow as e:
             raise APIError(400, f"{e}: the prompt must be shorter than the context to leave room for an answer",
                            param="messages", code="context_length_exceeded") from None

@@ -430,3 +430,4 @@ class Health(Struct, kw_only=True):
     active: int = 0  # requests generating now
     waiting: int = 0  # requests queued for a slot
     slots: int = 0  # sequences decoded together (--parallel)
+    loaded: list[str] = []  # the models resident now

@@ -82,8 +82,9 @@ def test_past_tool_calls_and_results_render_back(client):
 
 
 def test_list_show_ps_version(client, server):
-    (m,) = client.list().models
+    m, *others = client.list().models  # the loaded model, then the others on this machine
     assert m.model == MODEL and m.size > 0 and m.details.family == "llama"
+    assert MODEL not in [o.model for o in others] and all(o.size > 0 for o in others)
     (p,) = client.ps().models
     assert p.model == MODEL and p.context_length > 0
     s = client.show(MODEL)
@@ -109,5 +110,10 @@ def test_errors_are_ollama_error_objects(client, server):
     assert r.status_code == 400 and "uniqueItems" in r.json()["error"]
     r = httpx.post(server.url("/api/chat"), content=b"{", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
+    with pytest.raises(ollama.ResponseError) as e:  # this server runs offline (FERMI_OFFLINE=1)
+        client.pull("acme/tiny")
+    assert e.value.status_code == 400 and "offline" in e.value.error
+    assert [p.get("error") for p in map(json.loads, httpx.post(server.url("/api/pull"), json={
+        "model": "acme/tiny"}).text.splitlines())][-1].startswith("cannot pull")
     # hardware hints are taken (fermi decides those itself)
     assert client.chat(model=MODEL, messages=ASK, think=False, options={**GREEDY, "num_thread": 2}).done
