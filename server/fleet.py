@@ -28,6 +28,10 @@ from .schemas import APIError
 
 log = logging.getLogger("fermi.server")
 
+# A model handed to a request counts as busy this long, so nothing unloads it
+# between the handing and the request's job (or while it waits for the load).
+GRACE_S = 2.0
+
 
 def keep_alive_seconds(value) -> float | None:
     """Ollama's keep_alive -> seconds (None: forever)."""
@@ -88,7 +92,8 @@ class Fleet:
 
     @staticmethod
     def idle(s: Serving) -> bool:
-        return s.inflight == 0 and s.ready.is_set() and not (s.scheduler and s.scheduler.busy)
+        return (s.inflight == 0 and s.ready.is_set() and not (s.scheduler and s.scheduler.busy)
+                and time.monotonic() - s.handed >= GRACE_S)
 
     def find_loaded(self, name: str | None) -> Serving | None:
         if not name:
@@ -111,12 +116,21 @@ class Fleet:
                 s = await self.load(name)
             key = next(k for k, v in self.loaded.items() if v is s)
             self.loaded[key] = self.loaded.pop(key)  # the most recently used now
+            s.handed = time.monotonic()
         if keep_alive is not None:
             s.keep_alive_s = keep_alive_seconds(keep_alive)
-        if s.error is not None or s.ready.is_set() or s is self.primary:
-            return s  # (the primary answers 503 while it loads, as before)
+        if s is self.primary or s.ready.is_set():
+            return s  # (the primary answers 503 while it loads or after it failed, as before)
         while not s.ready.is_set() and s.error is None:
+            s.handed = time.monotonic()
             await asyncio.sleep(0.05)
+        s.handed = time.monotonic()
+        if s.error is not None:  # a failed load leaves: the next request tries again
+            async with self.lock:
+                if self.loaded.get(key) is s:
+                    del self.loaded[key]
+            raise APIError(503, f"the model {name} failed to load: {s.error}", type="server_error",
+                           code="model_load_failed")
         return s
 
     async def load(self, name: str) -> Serving:

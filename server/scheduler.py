@@ -99,6 +99,7 @@ class Serving(EngineThread):
         self.inflight = 0  # jobs whose consumer has not finished (an unload waits for none)
         self.last_used = time.monotonic()
         self.keep_alive_s: float | None = None  # idle time before it is unloaded (fleet.py); None: never
+        self.handed = 0.0  # when the fleet last handed it to a request (fleet.py)
 
     def require_engine(self) -> Engine:
         if self.error is not None:

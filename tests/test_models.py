@@ -44,8 +44,10 @@ def hub(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(hub, tmp_path_factory):
     home = tmp_path_factory.mktemp("hf-home")
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64)  # listed, but it cannot load
     return {"HF_HOME": str(home), "HF_ENDPOINT": hub.url, "FERMI_OFFLINE": "", "HF_HUB_DISABLE_TELEMETRY": "1",
-            "FERMI_CACHE": str(tmp_path_factory.mktemp("fermi-cache"))}
+            "FERMI_CACHE": str(tmp_path_factory.mktemp("fermi-cache")), "FERMI_MODELS": str(folder)}
 
 
 def fermi(*args, env=None, stdin=None):
@@ -157,3 +159,13 @@ def test_ollama_pull_and_delete(server, env):
     with pytest.raises(ollama.ResponseError) as e:
         client.delete(REPO)
     assert e.value.status_code == 404
+
+
+def test_a_model_that_fails_to_load_is_a_503_each_time_and_the_others_still_answer(server):
+    client = OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+    ask = dict(messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    for _ in range(2):  # not stuck: the failed load left, the next request tries again
+        with pytest.raises(Exception) as e:
+            client.chat.completions.create(model="broken", **ask)
+        assert getattr(e.value, "status_code", None) == 503 and "failed to load" in str(e.value)
+    assert client.chat.completions.create(model=MODEL, **ask).choices
