@@ -13,17 +13,16 @@ from litestar import Controller, Request, post
 from litestar.response import Stream
 
 from fermi.engine import Engine
-from fermi.errors import FermiError
 from fermi.serving import Delta, Done, ToolCall
 
 from .fleet import Fleet
 from .scheduler import Job
 from .schemas import (
     APIError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatMessage, ChatRequest, Choice,
-    ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, ErrorBody, FunctionCall, PromptTokensDetails,
+    ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, FunctionCall, PromptTokensDetails,
     TokenLogprob, ToolCallOut, TopLogprob, Usage,
 )
-from .wire import FINISH, json_format, note, sse, stop_list, tool_set
+from .wire import FINISH, guarded, json_format, note, sse, sse_error, stop_list, tool_set
 
 OPEN, CLOSE = "<think>\n", "\n</think>\n\n"  # inline reasoning (reasoning_format "inline")
 
@@ -55,7 +54,8 @@ class ChatController(Controller):
         log = request.scope.get("fermi.log", {})
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(sse_chunks(job, replies, include_usage, log), media_type="text/event-stream",
+            return Stream(guarded(job, log, sse_chunks(job, replies, include_usage, log), sse_error),
+                          media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         choices, dones = [], []
         for reply, records in zip(replies, await job.collect(request.receive)):
@@ -205,6 +205,7 @@ def token_logprob(engine: Engine, sample) -> TokenLogprob:
 
 
 async def sse_chunks(job: Job, replies: list[Reply], include_usage: bool, log: dict) -> AsyncIterator[bytes]:
+    """The chunks (wrapped in wire.guarded by the route)."""
     first = replies[0]
     usage_field = None if include_usage else msgspec.UNSET
 
@@ -217,30 +218,21 @@ async def sse_chunks(job: Job, replies: list[Reply], include_usage: bool, log: d
 
     log.update(prompt_tokens=len(job.request.ids))
     dones: list[Done | None] = [None] * len(replies)
-    try:
-        for reply in replies:
-            yield chunk(reply, ChunkDelta(role="assistant", content=""))
-        async for index, rec in job.records():
-            reply = replies[index]
-            if isinstance(rec, Done):
-                dones[index] = rec
-                if (closing := reply.close()) is not None:
-                    yield chunk(reply, closing)
-                yield chunk(reply, ChunkDelta(), FINISH[rec.finish_reason])
-                continue
-            delta = reply.add(rec)
-            log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
-            lp = reply.token_logprobs(rec)
-            yield chunk(reply, delta, logprobs=ChoiceLogprobs(lp) if reply.want_logprobs else None)
-        note(log, total(dones))
-        if include_usage:
-            yield chunk(None, usage_value=usage(replies, dones))
-        yield b"data: [DONE]\n\n"
-    except (FermiError, APIError) as e:  # after the headers went out: an error event ends the stream
-        message = e.message if isinstance(e, APIError) else str(e)
-        yield sse({"error": ErrorBody(message, "server_error", None, "generation_failed")})
-        yield b"data: [DONE]\n\n"
-    finally:
-        if not job.finished:
-            log["note"] = "client disconnected"
-        job.abandon()
+    for reply in replies:
+        yield chunk(reply, ChunkDelta(role="assistant", content=""))
+    async for index, rec in job.records():
+        reply = replies[index]
+        if isinstance(rec, Done):
+            dones[index] = rec
+            if (closing := reply.close()) is not None:
+                yield chunk(reply, closing)
+            yield chunk(reply, ChunkDelta(), FINISH[rec.finish_reason])
+            continue
+        delta = reply.add(rec)
+        log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
+        lp = reply.token_logprobs(rec)
+        yield chunk(reply, delta, logprobs=ChoiceLogprobs(lp) if reply.want_logprobs else None)
+    note(log, total(dones))
+    if include_usage:
+        yield chunk(None, usage_value=usage(replies, dones))
+    yield b"data: [DONE]\n\n"

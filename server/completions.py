@@ -14,16 +14,15 @@ from litestar import Controller, Request, post
 from litestar.response import Stream
 
 from fermi.engine import Engine
-from fermi.errors import FermiError
 from fermi.serving import Done, Request as CoreRequest
 
 from .fleet import Fleet
 from .scheduler import Job
 from .schemas import (
-    APIError, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionTokensDetails, ErrorBody,
+    APIError, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionTokensDetails,
     PromptTokensDetails, Usage,
 )
-from .wire import FINISH, note, sse, stop_list
+from .wire import FINISH, guarded, note, sse, sse_error, stop_list
 
 
 class CompletionsController(Controller):
@@ -63,7 +62,8 @@ class CompletionsController(Controller):
         log = request.scope.get("fermi.log", {})
         if data.stream:
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(chunks(job, choices, head, include, log), media_type="text/event-stream",
+            return Stream(guarded(job, log, chunks(job, choices, head, include, log), sse_error),
+                          media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         dones = []
         for choice, records in zip(choices, await job.collect(request.receive)):
@@ -131,31 +131,22 @@ async def chunks(job: Job, choices: list[Choice], head: dict, include_usage: boo
     usage_field = None if include_usage else msgspec.UNSET
     dones: list[Done | None] = [None] * len(choices)
     log.update(prompt_tokens=len(job.request.ids))
-    try:
-        for c in choices:
-            if c.text[0]:  # the echoed prompt first
-                yield sse(Completion(**head, choices=[CompletionChoice(text=c.text[0], index=c.index)],
-                                     usage=usage_field))
-        async for index, rec in job.records():
-            c = choices[index]
-            if isinstance(rec, Done):
-                dones[index] = rec
-                yield sse(Completion(**head, choices=[CompletionChoice(text="", index=index,
-                                                                       finish_reason=FINISH[rec.finish_reason])],
-                                     usage=usage_field))
-                continue
-            text, lp = c.add(rec)
-            yield sse(Completion(**head, choices=[CompletionChoice(text=text, index=index, logprobs=lp)],
+    for c in choices:
+        if c.text[0]:  # the echoed prompt first
+            yield sse(Completion(**head, choices=[CompletionChoice(text=c.text[0], index=c.index)],
                                  usage=usage_field))
-        note(log, dones[0])
-        if include_usage:
-            yield sse(Completion(**head, choices=[], usage=usage(job, dones)))
-        yield b"data: [DONE]\n\n"
-    except (FermiError, APIError) as e:
-        message = e.message if isinstance(e, APIError) else str(e)
-        yield sse({"error": ErrorBody(message, "server_error", None, "generation_failed")})
-        yield b"data: [DONE]\n\n"
-    finally:
-        if not job.finished:
-            log["note"] = "client disconnected"
-        job.abandon()
+    async for index, rec in job.records():
+        c = choices[index]
+        if isinstance(rec, Done):
+            dones[index] = rec
+            yield sse(Completion(**head, choices=[CompletionChoice(text="", index=index,
+                                                                   finish_reason=FINISH[rec.finish_reason])],
+                                 usage=usage_field))
+            continue
+        text, lp = c.add(rec)
+        yield sse(Completion(**head, choices=[CompletionChoice(text=text, index=index, logprobs=lp)],
+                             usage=usage_field))
+    note(log, dones[0])
+    if include_usage:
+        yield sse(Completion(**head, choices=[], usage=usage(job, dones)))
+    yield b"data: [DONE]\n\n"

@@ -32,7 +32,7 @@ from fermi.serving import Done, ToolCall
 from .fleet import Fleet
 from .scheduler import Job
 from .schemas import APIError
-from .wire import json_format, note, stop_list, tool_set
+from .wire import guarded, json_format, note, stop_list, tool_set
 
 SAMPLING = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
             "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
@@ -239,7 +239,8 @@ async def answer(request: Request, job: Job, engine: Engine, shape, stream: bool
     """The reply, streamed as NDJSON or whole; shape(fields) -> the object's own fields."""
     log = request.scope.get("fermi.log", {})
     if stream:
-        return Stream(ndjson_chunks(job, engine, shape, started, log), media_type="application/x-ndjson")
+        return Stream(guarded(job, log, ndjson_chunks(job, engine, shape, started, log),
+                              lambda message: [ndjson({"error": message})]), media_type="application/x-ndjson")
     records = (await job.collect(request.receive))[0]
     reply = Answer()
     for rec in records[:-1]:
@@ -252,24 +253,17 @@ async def answer(request: Request, job: Job, engine: Engine, shape, stream: bool
 async def ndjson_chunks(job: Job, engine: Engine, shape, started: float, log: dict) -> AsyncIterator[bytes]:
     reply = Answer()
     log.update(prompt_tokens=len(job.request.ids))
-    try:
-        async for _, rec in job.records():
-            if isinstance(rec, Done):
-                if closing := reply.close_call():
-                    yield ndjson({"model": engine.name, "created_at": now(), **shape(closing), "done": False})
-                note(log, rec)
-                yield ndjson({"model": engine.name, "created_at": now(), **shape({"content": ""}), "done": True,
-                              **stats(rec, started)})
-                return
-            fields = reply.add(rec)
-            if fields:
-                yield ndjson({"model": engine.name, "created_at": now(), **shape(fields), "done": False})
-    except (FermiError, APIError) as e:  # after the headers: an error object ends the stream
-        yield ndjson({"error": e.message if isinstance(e, APIError) else str(e)})
-    finally:
-        if not job.finished:
-            log["note"] = "client disconnected"
-        job.abandon()
+    async for _, rec in job.records():
+        if isinstance(rec, Done):
+            if closing := reply.close_call():
+                yield ndjson({"model": engine.name, "created_at": now(), **shape(closing), "done": False})
+            note(log, rec)
+            yield ndjson({"model": engine.name, "created_at": now(), **shape({"content": ""}), "done": True,
+                          **stats(rec, started)})
+            return
+        fields = reply.add(rec)
+        if fields:
+            yield ndjson({"model": engine.name, "created_at": now(), **shape(fields), "done": False})
 
 
 def chat_shape(fields: dict) -> dict:

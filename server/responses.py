@@ -26,7 +26,6 @@ from litestar import Controller, Request, post
 from litestar.response import Stream
 
 from fermi.engine import Engine
-from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 from fermi.serving import Delta, Done, ToolCall
 
@@ -37,7 +36,7 @@ from .schemas import (
     OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject,
     ResponsesRequest, ResponseUsage, TextConfig,
 )
-from .wire import json_format, note, stop_list, tool_set
+from .wire import guarded, json_format, note, stop_list, tool_set
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -66,7 +65,7 @@ class ResponsesController(Controller):
         build = Builder(engine, data, job.request.params)
         log = request.scope.get("fermi.log", {})
         if data.stream:
-            return Stream(sse_events(job, build, log), media_type="text/event-stream",
+            return Stream(guarded(job, log, sse_events(job, build, log), build.failed), media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         records = (await job.collect(request.receive))[0]
         for rec in records[:-1]:
@@ -284,6 +283,13 @@ class Builder:
         self.status = "incomplete" if incomplete else "completed"
         return out
 
+    def failed(self, message: str) -> list[bytes]:
+        """A generation that failed after the headers went out: response.failed."""
+        self.status = "failed"
+        r = self.response()
+        r.error = ErrorBody(message, "server_error", None, "generation_failed")
+        return [self.event("response.failed", response=r)]
+
     def final(self) -> bytes:
         kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
         return self.event(kind, response=self.response())
@@ -291,26 +297,15 @@ class Builder:
 
 async def sse_events(job: Job, build: Builder, log: dict) -> AsyncIterator[bytes]:
     log.update(prompt_tokens=len(job.request.ids))
-    try:
-        for e in build.start():
-            yield e
-        async for _, rec in job.records():
-            if isinstance(rec, Done):
-                for e in build.finish(rec):
-                    yield e
-                note(log, rec)
-                yield build.final()
-                break
-            log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
-            for e in build.add(rec):
+    for e in build.start():
+        yield e
+    async for _, rec in job.records():
+        if isinstance(rec, Done):
+            for e in build.finish(rec):
                 yield e
-    except (FermiError, APIError) as e:  # after the headers went out: a failed response ends the stream
-        message = e.message if isinstance(e, APIError) else str(e)
-        build.status = "failed"
-        r = build.response()
-        r.error = ErrorBody(message, "server_error", None, "generation_failed")
-        yield build.event("response.failed", response=r)
-    finally:
-        if not job.finished:
-            log["note"] = "client disconnected"
-        job.abandon()
+            note(log, rec)
+            yield build.final()
+            break
+        log["completion_tokens"] = log.get("completion_tokens", 0) + 1  # deltas until Done says
+        for e in build.add(rec):
+            yield e

@@ -5,14 +5,16 @@ stop lists; the request log's counts; the error that ends a stream."""
 from __future__ import annotations
 
 import re
+from typing import AsyncIterator, Callable
 
 import msgspec
 
+from fermi.errors import FermiError
 from fermi.grammar import GrammarError, check, json_grammar
 from fermi.serving import Done
 from fermi.tools import ToolSet
 
-from .schemas import APIError
+from .schemas import APIError, ErrorBody
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
@@ -112,3 +114,24 @@ def note(log: dict, done: Done) -> None:
 
 def sse(obj) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+def sse_error(message: str) -> list[bytes]:
+    """The end of an OpenAI SSE stream that failed after its headers went out."""
+    return [sse({"error": ErrorBody(message, "server_error", None, "generation_failed")}), b"data: [DONE]\n\n"]
+
+
+async def guarded(job, log: dict, body: AsyncIterator[bytes],
+                  ending: Callable[[str], list[bytes]]) -> AsyncIterator[bytes]:
+    """A streamed answer's bytes; a generation that fails after the headers went out
+    ends with `ending(message)`, and a consumer gone (or done) lets go of the job."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except (FermiError, APIError) as e:
+        for chunk in ending(e.message if isinstance(e, APIError) else str(e)):
+            yield chunk
+    finally:
+        if not job.finished:
+            log["note"] = "client disconnected"
+        job.abandon()
