@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
@@ -32,9 +31,12 @@ def add_parser(sub) -> None:
                    "prefix (default: $FERMI_ENGINE_POOL, else 4 on a CPU and 8 on a GPU or Metal)")
     g.add_argument("--queue-max", type=int, help="generations that may wait; more are refused with 503 "
                    "(default: $FERMI_QUEUE_MAX or 64)")
-    g.add_argument("--session-max", type=int, help=argparse.SUPPRESS)  # retired: the slots keep the prefixes
-    g.add_argument("--session-ttl-ms", type=int, help="idle time after which a slot's kept prefix is forgotten, "
-                   "0 = never (default: $FERMI_SESSION_TTL_MS or 30 minutes)")
+    g.add_argument("--grpc-port", type=int, metavar="PORT", help="also serve the gRPC service fermi.v1.Fermi on "
+                   "this port, same host (default: $FERMI_GRPC_PORT, else off; 50051 is its usual port)")
+    g.add_argument("--session-max", type=int, help="gRPC conversations kept; the least recently used is dropped "
+                   "for a new one (default: $FERMI_SESSION_MAX or 256)")
+    g.add_argument("--session-ttl-ms", type=int, help="idle time after which a slot's kept prefix, and a gRPC "
+                   "session, is forgotten; 0 = never (default: $FERMI_SESSION_TTL_MS or 30 minutes)")
     g.add_argument("--max-loaded", type=int, help="models resident at once; a request may name any model of "
                    "fermi list, loaded on first use (default: $FERMI_MAX_LOADED or 1)")
     g.add_argument("--keep-alive", help="idle time before a model loaded on demand is unloaded: 5m, 30s, 0, -1 = "
@@ -52,7 +54,8 @@ def serve(args) -> int:
 
     settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
                                  queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms,
-                                 max_loaded=args.max_loaded, keep_alive=args.keep_alive)
+                                 max_loaded=args.max_loaded, keep_alive=args.keep_alive, grpc_port=args.grpc_port,
+                                 session_max=args.session_max)
     if args.model:
         settings.aliases = [args.model]
     template = None
@@ -69,9 +72,6 @@ def serve(args) -> int:
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).propagate = False
     log = logging.getLogger("fermi.server")
-    if args.session_max is not None or os.environ.get("FERMI_SESSION_MAX"):
-        log.warning("--session-max / FERMI_SESSION_MAX no longer apply: each of the --parallel slots keeps "
-                    "one conversation's prefix (see the README)")
 
     def load():
         engine = load_engine(args)
@@ -94,8 +94,11 @@ def serve(args) -> int:
 
     app = create_app(load, settings, on_ready=on_ready, on_error=on_error, load_model=load_model)
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            loop="asyncio" if settings.grpc_port is not None else "auto")  # grpc.aio: asyncio's loop
     sock = bind(settings.host, settings.port)
+    if settings.grpc_port:  # a port in use is one clear line now, not a failed startup later
+        bind(settings.host, settings.grpc_port, "gRPC ").close()
     server = make_server(config, app.state.fleet)
     server.run(sockets=[sock])
     if failed:
@@ -104,7 +107,7 @@ def serve(args) -> int:
     return 0
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, what: str = "") -> socket.socket:
     """The listening socket, bound before anything loads: a port in use is one
     clear error line."""
     try:
@@ -114,7 +117,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as e:
-        raise FermiError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        raise FermiError(f"cannot listen {what}on {host}:{port}: {e.strerror or e}") from None
     return sock
 
 

@@ -53,12 +53,15 @@ class Settings:
     max_body: int = MAX_BODY  # FERMI_MAX_BODY: bytes; larger request bodies are refused (413)
     max_loaded: int = 1  # FERMI_MAX_LOADED: models resident at once
     keep_alive: str = "5m"  # FERMI_KEEP_ALIVE: idle time before a model loaded on demand is unloaded
+    grpc_port: int | None = None  # FERMI_GRPC_PORT: the gRPC service (server/rpc/), on the same host; None: off
+    session_max: int = 256  # FERMI_SESSION_MAX: gRPC conversations kept; the least recently used goes first
     aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
 
     ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "parallel": "FERMI_ENGINE_POOL",
            "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY",
-           "max_loaded": "FERMI_MAX_LOADED", "keep_alive": "FERMI_KEEP_ALIVE"}
-    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded")
+           "max_loaded": "FERMI_MAX_LOADED", "keep_alive": "FERMI_KEEP_ALIVE", "grpc_port": "FERMI_GRPC_PORT",
+           "session_max": "FERMI_SESSION_MAX"}
+    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded", "grpc_port", "session_max")
 
     @classmethod
     def from_env(cls, env=None, **flags) -> "Settings":
@@ -84,7 +87,7 @@ class Settings:
         except APIError as e:
             raise FermiError(f"FERMI_KEEP_ALIVE: {e.message}") from None
         for name, least in (("parallel", 1), ("queue_max", 0), ("session_ttl_ms", 0), ("max_body", 0),
-                            ("max_loaded", 1)):
+                            ("max_loaded", 1), ("grpc_port", 0), ("session_max", 1)):
             if getattr(s, name) is not None and getattr(s, name) < least:
                 spelled = cls.ENV[name] if name == "max_body" else f"--{name.replace('_', '-')} / {cls.ENV[name]}"
                 raise FermiError(f"{spelled} must be at least {least}, not {getattr(s, name)}")
@@ -108,10 +111,26 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     async def lifespan(app: Litestar):
         fleet.start()
         reaper = asyncio.ensure_future(fleet.reap())
+        rpc = None
         try:
+            if settings.grpc_port is not None:  # the gRPC service, on this event loop and fleet
+                from .rpc.service import RpcServer
+
+                ttl = settings.session_ttl_ms / 1000 if settings.session_ttl_ms else None
+                rpc = app.state.rpc = RpcServer(fleet, settings.host, settings.grpc_port, settings.api_key,
+                                                settings.session_max, ttl)
+                try:
+                    await rpc.start()
+                except RuntimeError as e:  # the port: one line where the CLI says why it stops
+                    if on_error is None:
+                        raise
+                    rpc = None
+                    on_error(FermiError(str(e)))
             yield
         finally:
             reaper.cancel()
+            if rpc is not None:
+                await rpc.stop()
             await anyio.to_thread.run_sync(fleet.stop)
 
     def api_key_guard(connection: ASGIConnection, _: BaseRouteHandler) -> None:

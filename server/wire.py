@@ -14,7 +14,7 @@ from fermi.grammar import GrammarError, check, json_grammar
 from fermi.serving import Done
 from fermi.tools import ToolSet
 
-from .schemas import APIError, ErrorBody
+from .schemas import APIError, ErrorBody, Options
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
@@ -98,6 +98,18 @@ def schema_check(schema, param: str) -> None:
         check(json_grammar(schema), f"the JSON schema at {param}")
     except GrammarError as e:
         raise APIError(400, str(e), param=param, code="invalid_json_schema") from None
+
+
+def options(given: dict) -> Options:
+    """Sampling and thinking values a front door read without msgspec's request
+    decoding (gRPC), checked as the HTTP requests' are: a 400 naming the value."""
+    try:
+        return msgspec.convert(given, Options)
+    except msgspec.ValidationError as e:
+        message, _, where = str(e).rpartition(" - at `$.")
+        param = where.rstrip("`") or None
+        raise APIError(400, f"invalid '{param}': {message}" if param else str(e), param=param,
+                       code="invalid_value") from None
 
 
 def stop_list(stop: str | list[str] | None) -> list[str] | None:

@@ -74,10 +74,13 @@ def test_tiny_models_batched_greedy_equals_solo(backend, tiny_models, arch):
 
 def test_smollm2_batch_of_8_greedy_equals_solo(backend):
     eng = engine(backend)
+    # MLX's CPU build here multiplies with the reference BLAS (about 1.7 GFLOP/s): 3 of
+    # the 8 there (the tiny models above batch 8 on both backends); all 8 on Metal.
+    questions = QUESTIONS[:3] if backend == "mlx" and eng.runtime.device == "cpu" else QUESTIONS
 
     def requests():
         return [eng.request([{"role": "user", "content": q}], "auto", 12 + 3 * (i % 4), temperature=0.0)
-                for i, q in enumerate(QUESTIONS)]
+                for i, q in enumerate(questions)]
 
     alone = [solo(eng.scheduler, r) for r in requests()]
     together = run_batch(eng.scheduler(8), requests(), admit_every=2)

@@ -25,6 +25,7 @@ class Output:
         self.splitter = ThinkingSplitter(in_reasoning, keep_reasoning, split=not raw)
         self.generated: list[int] = []
         self.samples: list = []  # logprobs not yet attached to a delta
+        self.ids: list[int] = []  # token ids not yet attached to a delta
         self.content: list[str] = []  # the answer's text (for the slot's settle)
         self.calls = calls
         self.hit_stop = False
@@ -34,6 +35,7 @@ class Output:
         if sample.token in self.eos_ids:
             return [], "stop"
         self.generated.append(sample.token)
+        self.ids.append(sample.token)
         if self.want_logprobs:
             self.samples.append(sample)
         text, self.hit_stop = self.stops.feed(self.detok.add(sample.token))
@@ -51,9 +53,9 @@ class Output:
             records = self._records(text if self.hit_stop else text + self.stops.flush())
             finish = "stop" if self.hit_stop else finish
         for kind, piece in self.splitter.flush():
-            records += self._deltas(kind, piece, [])
+            records += self._deltas(kind, piece, [], [])
         if self.calls is not None:
-            records += self._calls(self.calls.flush(), [])
+            records += self._calls(self.calls.flush(), [], [])
             if self.calls.calls and finish == "stop":
                 finish = "tool_calls"
         return records, finish
@@ -70,24 +72,25 @@ class Output:
     def _records(self, text: str) -> list[Delta]:
         out = []
         for kind, piece in self.splitter.feed(text):
-            out += self._deltas(kind, piece, self.samples[:])
+            out += self._deltas(kind, piece, self.samples[:], self.ids[:])
             self.samples.clear()
+            self.ids.clear()
         return out
 
-    def _deltas(self, kind: str, text: str, samples: list) -> list:
+    def _deltas(self, kind: str, text: str, samples: list, ids: list[int]) -> list:
         if kind == "content" and self.calls is not None:
-            return self._calls(self.calls.feed(text), samples)
+            return self._calls(self.calls.feed(text), samples, ids)
         if kind == "content":
             self.content.append(text)
-        return [Delta(kind, text, samples)]
+        return [Delta(kind, text, samples, ids)]
 
-    def _calls(self, pieces: list, samples: list) -> list:
+    def _calls(self, pieces: list, samples: list, ids: list[int]) -> list:
         out = []
         for p in pieces:
             if isinstance(p, tuple):
                 self.content.append(p[1])
-                out.append(Delta("content", p[1], samples))
-                samples = []
+                out.append(Delta("content", p[1], samples, ids))
+                samples, ids = [], []
             else:
                 out.append(p)
         return out

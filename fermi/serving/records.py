@@ -12,6 +12,7 @@ class Delta:
     kind: str  # "content" | "reasoning"
     text: str
     logprobs: list = field(default_factory=list)  # backends.Sample of the tokens behind it, when asked
+    tokens: list[int] = field(default_factory=list)  # the ids of the tokens behind it (the first delta of a token's text)
 
 
 @dataclass
