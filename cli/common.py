@@ -19,7 +19,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: $FERMI_MODEL or Qwen/Qwen3-1.7B)")
     g.add_argument("--backend", choices=["auto", "mlx", "torch"], help="default: $FERMI_BACKEND or auto")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the backend's")
-    g.add_argument("--quantize", type=int, choices=[4, 8], help="quantize float weights at load time")
+    g.add_argument("--quantize", type=int, choices=[0, 4, 8], help="quantize float weights at load time to 4 or 8 "
+                   "bits; 0 dequantizes a GGUF's quantized tensors")
     g.add_argument("--quiet", "-q", action="store_true", help="no startup line")
 
 

@@ -7,9 +7,10 @@ import sys
 
 from fermi import __version__
 from fermi.errors import FermiError
+from fermi.sampling import check
 
 from . import bench, chat, models, run, serve
-from .common import debug
+from .common import debug, sampling_kwargs
 
 VERBS = [run, chat, serve, models, bench]
 
@@ -21,12 +22,20 @@ def parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         verb.add_parser(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"
+    p.verbs = sub.choices
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown:  # told by the verb's own parser, with its usage
+        p.verbs[args.verb].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
+        if hasattr(args, "temperature"):  # bad values: one line now, before a model loads
+            check(sampling_kwargs(args))
+            if getattr(args, "max_new_tokens", 1) < 1:
+                raise FermiError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
         return args.func(args)
     except KeyboardInterrupt:
         print(file=sys.stderr)

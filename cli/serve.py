@@ -6,10 +6,11 @@ running generations and shuts down cleanly (exit status 0)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
+import signal
 import socket
+import threading
 import sys
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def add_parser(sub) -> None:
                    "prefix (default: $FERMI_ENGINE_POOL, else 4 on a CPU and 8 on a GPU or Metal)")
     g.add_argument("--queue-max", type=int, help="generations that may wait; more are refused with 503 "
                    "(default: $FERMI_QUEUE_MAX or 64)")
+    g.add_argument("--drain-seconds", type=float, default=10.0, metavar="S", help="on SIGTERM, the time running "
+                   "answers get to finish (new and queued requests get 503 at once), then they are cut; Ctrl-C cuts "
+                   "at once (default 10)")
+    g.add_argument("--metrics-public", action="store_true", help="GET /metrics without the API key")
+    g.add_argument("--max-tokens", type=int, metavar="N", help="the output cap of a request that sets none, "
+                   "0 = up to the context's end (default: $FERMI_MAX_TOKENS or 4096)")
     g.add_argument("--grpc-port", type=int, metavar="PORT", help="also serve the gRPC service fermi.v1.Fermi on "
                    "this port, same host (default: $FERMI_GRPC_PORT, else off; 50051 is its usual port)")
     g.add_argument("--session-max", type=int, help="gRPC conversations kept; the least recently used is dropped "
@@ -55,7 +62,8 @@ def serve(args) -> int:
     settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
                                  queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms,
                                  max_loaded=args.max_loaded, keep_alive=args.keep_alive, grpc_port=args.grpc_port,
-                                 session_max=args.session_max)
+                                 session_max=args.session_max, max_tokens=args.max_tokens)
+    settings.metrics_public = args.metrics_public
     if args.model:
         settings.aliases = [args.model]
     template = None
@@ -94,12 +102,12 @@ def serve(args) -> int:
 
     app = create_app(load, settings, on_ready=on_ready, on_error=on_error, load_model=load_model)
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=args.drain_seconds + 5,
                             loop="asyncio" if settings.grpc_port is not None else "auto")  # grpc.aio: asyncio's loop
     sock = bind(settings.host, settings.port)
     if settings.grpc_port:  # a port in use is one clear line now, not a failed startup later
         bind(settings.host, settings.grpc_port, "gRPC ").close()
-    server = make_server(config, app.state.fleet)
+    server = make_server(config, app.state.fleet, args.drain_seconds)
     server.run(sockets=[sock])
     if failed:
         e = failed[0]
@@ -121,9 +129,10 @@ def bind(host: str, port: int, what: str = "") -> socket.socket:
     return sock
 
 
-def make_server(config, fleet):
-    """uvicorn's Server, plus: a shutdown signal cancels the running generations
-    (so their streams end now), and a clean shutdown exits 0 rather than
+def make_server(config, fleet, drain_s: float = 0.0):
+    """uvicorn's Server, plus: SIGTERM drains (new and queued requests get 503,
+    running answers have `drain_s` seconds to finish, then they are cut), Ctrl-C
+    (or a second signal) cuts them at once; a clean shutdown exits 0 rather than
     re-raising the signal."""
     import uvicorn
 
@@ -137,7 +146,14 @@ def make_server(config, fleet):
                     "ready" if fleet.primary is None or fleet.primary.ready.is_set() else "loading")
 
         def handle_exit(self, sig, frame):
-            fleet.cancel_all()
+            if sig == signal.SIGTERM and drain_s > 0 and not self.should_exit:
+                logging.getLogger("fermi.server").info("draining: running answers have %gs to finish", drain_s)
+                fleet.drain()
+                cut = threading.Timer(drain_s, fleet.cancel_all)
+                cut.daemon = True
+                cut.start()
+            else:
+                fleet.cancel_all()
             super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
 

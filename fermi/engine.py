@@ -52,9 +52,8 @@ class Engine:
              quantize: int | None = None, progress=None, notice: Callable[[str], None] | None = None) -> "Engine":
         from fermi import backends
 
-        module = backends.get(backend)
-        model = sources.resolve(spec, progress=progress, notice=notice)
-        return cls(model, module.load(model, dtype=dtype, quantize=quantize))
+        model = sources.resolve(spec, progress=progress, notice=notice)  # a bad spec fails before torch loads
+        return cls(model, backends.get(backend).load(model, dtype=dtype, quantize=quantize))
 
     @property
     def name(self) -> str:
@@ -105,7 +104,8 @@ class Engine:
         here unless `prompt` is). tools: the tools offered (their calls are read out of
         the answer; a forced choice constrains it); json_schema: the answer is JSON, of
         this schema (True: any object). sampling: the SamplingParams fields, None = the
-        default. max_tokens None: up to the context's end. Raises GrammarError for a
+        default. max_tokens None: the serving core's default cap (none: up to the
+        context's end). Raises GrammarError for a
         constraint the grammar engine cannot enforce."""
         if tools is not None:
             tools.fmt = self.call_format
@@ -122,7 +122,7 @@ class Engine:
             prompt = self._open_thinking(prompt)
             grammar = start(rules, lead=prompt.in_reasoning)  # the blank line after </think>
         params = self.sampling(prompt, **sampling)
-        request = Request(prompt.ids, params, self.context_length if max_tokens is None else max_tokens, stop,
+        request = Request(prompt.ids, params, max_tokens, stop,
                           prompt.in_reasoning, prompt.keep_reasoning,
                           next_turn=(lambda reply: self.next_turn_ids(messages, reply, thinking, tools)) if messages
                           else None, tools=tools, raw=prompt.raw)

@@ -57,6 +57,8 @@ class ChatTemplate:
             text = _compile(self.source).render(**kwargs)
         except TemplateError as e:
             raise FermiError(f"chat template error: {e}") from None
+        except Exception as e:  # noqa: BLE001 - the template's own code failed (the sandbox's range cap, a bad operand)
+            raise FermiError(f"chat template error: {type(e).__name__}: {e}") from None
         if thinking == "off" and not self.has_thinking_switch and add_generation_prompt:
             text += EMPTY_THINK
         return text

@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import time
+import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ import anyio
 from litestar import Litestar, Request, Response, Router
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.exceptions import HTTPException, NotAuthorizedException, SerializationException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 
@@ -31,10 +32,12 @@ from fermi.serving import DEFAULT_TTL_MS, Limits
 
 from .chat import ChatController
 from .completions import CompletionsController
+from .metrics import Metrics, metrics_route
 from .models import HealthController, ModelsController
 from .ollama import OllamaController, root
 from .responses import ResponsesController
 from .fleet import Fleet, keep_alive_seconds
+from .wire import loggable
 from .schemas import APIError
 
 log = logging.getLogger("fermi.server")
@@ -51,8 +54,10 @@ class Settings:
     queue_max: int = 64  # FERMI_QUEUE_MAX: generations waiting beyond those; more are refused (503)
     session_ttl_ms: int = DEFAULT_TTL_MS  # FERMI_SESSION_TTL_MS: a slot's kept prefix is forgotten after; 0 = never
     max_body: int = MAX_BODY  # FERMI_MAX_BODY: bytes; larger request bodies are refused (413)
+    max_tokens: int = 4096  # FERMI_MAX_TOKENS: the output cap of a request that sets none; 0: the context's end
     max_loaded: int = 1  # FERMI_MAX_LOADED: models resident at once
     keep_alive: str = "5m"  # FERMI_KEEP_ALIVE: idle time before a model loaded on demand is unloaded
+    metrics_public: bool = False  # GET /metrics without the API key
     grpc_port: int | None = None  # FERMI_GRPC_PORT: the gRPC service (server/rpc/), on the same host; None: off
     session_max: int = 256  # FERMI_SESSION_MAX: gRPC conversations kept; the least recently used goes first
     aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
@@ -60,8 +65,9 @@ class Settings:
     ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "parallel": "FERMI_ENGINE_POOL",
            "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY",
            "max_loaded": "FERMI_MAX_LOADED", "keep_alive": "FERMI_KEEP_ALIVE", "grpc_port": "FERMI_GRPC_PORT",
-           "session_max": "FERMI_SESSION_MAX"}
-    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded", "grpc_port", "session_max")
+           "session_max": "FERMI_SESSION_MAX", "max_tokens": "FERMI_MAX_TOKENS"}
+    INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded", "grpc_port", "session_max",
+            "max_tokens")
 
     @classmethod
     def from_env(cls, env=None, **flags) -> "Settings":
@@ -87,7 +93,7 @@ class Settings:
         except APIError as e:
             raise FermiError(f"FERMI_KEEP_ALIVE: {e.message}") from None
         for name, least in (("parallel", 1), ("queue_max", 0), ("session_ttl_ms", 0), ("max_body", 0),
-                            ("max_loaded", 1), ("grpc_port", 0), ("session_max", 1)):
+                            ("max_loaded", 1), ("grpc_port", 0), ("session_max", 1), ("max_tokens", 0)):
             if getattr(s, name) is not None and getattr(s, name) < least:
                 spelled = cls.ENV[name] if name == "max_body" else f"--{name.replace('_', '-')} / {cls.ENV[name]}"
                 raise FermiError(f"{spelled} must be at least {least}, not {getattr(s, name)}")
@@ -104,7 +110,8 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     settings = settings or Settings()
     loader = load if callable(load) and not isinstance(load, Engine) else (None if load is None else lambda: load)
     fleet = Fleet(loader, load_model or (lambda spec: Engine.load(spec)),
-                  Limits(settings.parallel, settings.queue_max, settings.session_ttl_ms), settings.max_loaded,
+                  Limits(settings.parallel, settings.queue_max, settings.session_ttl_ms,
+                         max_tokens=settings.max_tokens or None), settings.max_loaded,
                   keep_alive_seconds(settings.keep_alive), settings.aliases, on_ready, on_error)
 
     @asynccontextmanager
@@ -143,9 +150,13 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     v1 = Router(path="/v1", route_handlers=[ChatController, CompletionsController, ResponsesController, ModelsController],
                 guards=[api_key_guard])
     ollama = Router(path="/", route_handlers=[OllamaController], guards=[api_key_guard])
+    metrics = Metrics(fleet)
+    fleet.on_done = metrics.done
+    scrape = Router(path="/", route_handlers=[metrics_route], guards=[] if settings.metrics_public else [api_key_guard])
     app = Litestar(
-        route_handlers=[v1, ollama, HealthController, root],
-        dependencies={"fleet": Provide(lambda: fleet, sync_to_thread=False)},
+        route_handlers=[v1, ollama, scrape, HealthController, root],
+        dependencies={"fleet": Provide(lambda: fleet, sync_to_thread=False),
+                      "request_metrics": Provide(lambda: metrics, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body,
@@ -154,6 +165,7 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
         debug=False,
     )
     app.state.fleet = fleet
+    app.state.metrics = metrics
     app.state.settings = settings
     return app
 
@@ -180,11 +192,13 @@ def to_api_error(exc: Exception) -> APIError:
             detail = "" if message.strip("'") == "data" else f" ({message})"
             return APIError(400, f"the request body must be a JSON object{detail}", code="invalid_request")
         return APIError(400, f"invalid '{param}': {message}", param=param, code="invalid_value")
+    if isinstance(exc, RecursionError):  # the body's JSON nested deeper than the decoder goes
+        return APIError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json")
     if isinstance(exc, HTTPException):
         status = exc.status_code
         detail = exc.detail or ""
         code = STATUS_CODES.get(status)
-        if status == 400 and "json" in detail.lower():
+        if status == 400 and ("json" in detail.lower() or isinstance(exc.__cause__, SerializationException)):
             detail, code = f"the request body is not valid JSON: {detail}", "invalid_json"
         elif status == 413:
             detail = "the request body is too large"
@@ -201,15 +215,24 @@ def to_api_error(exc: Exception) -> APIError:
 
 def error_response(request: Request, exc: Exception) -> Response:
     err = to_api_error(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = dict(getattr(exc, "headers", None) or {})  # 405's Allow
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    elif err.status == 503:
+        headers["Retry-After"] = "1"
     # Ollama's clients read {"error": "…"}; OpenAI's the error object.
     body = {"error": err.message} if request.url.path.startswith("/api/") else err.body()
     return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
+REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
+
+
 class RequestLog:
-    """ASGI wrapper: one line per request on the `fermi.server` logger: method,
-    path, status, tokens (when a controller left them in the scope), duration."""
+    """ASGI wrapper: one line per request on the `fermi.server` logger: request id,
+    method, path, status, tokens (when a controller left them in the scope),
+    duration. Every response carries X-Request-Id: the client's (when it is a
+    plain token of at most 128 characters), else a new one."""
 
     def __init__(self, app):
         self.app = app
@@ -223,10 +246,13 @@ class RequestLog:
             return
         start = time.perf_counter()
         info = scope["fermi.log"] = {"status": 0}
+        given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"x-request-id"), "")
+        rid = given if REQUEST_ID.match(given) else uuid.uuid4().hex
 
         async def send_logged(message):
             if message["type"] == "http.response.start":
                 info["status"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(message)
 
         try:
@@ -237,5 +263,9 @@ class RequestLog:
                 tokens = (f" prompt={info['prompt_tokens']} cached={info.get('cached_tokens', '?')}"
                           f" completion={info.get('completion_tokens', 0)}")
             note = f" ({info['note']})" if info.get("note") else ""
-            log.info("%s %s %s%s %.3fs%s", scope["method"], scope["path"], info["status"] or "-", tokens,
-                     time.perf_counter() - start, note)
+            took = time.perf_counter() - start
+            log.info("%s %s %s %s%s %.3fs%s", rid, scope["method"], loggable(scope["path"]), info["status"] or "-",
+                     tokens, took, note)
+            metrics = getattr(self.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.request(scope["path"], info["status"], took)

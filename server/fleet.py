@@ -60,17 +60,27 @@ class Fleet:
             self.primary = Serving(load_primary, limits, on_ready=on_ready, on_error=on_error, aliases=aliases)
             self.primary.keep_alive_s = None
         self.lock = asyncio.Lock()
+        self.on_done = None  # (model, Done) of every answer, set on each serving (the metrics)
 
     # --- lifetime
 
     def start(self) -> None:
         if self.primary is not None:
+            self.primary.on_done = self.on_done
             self.primary.start()
             self.loaded["(primary)"] = self.primary
 
     def stop(self) -> None:
         for s in list(self.loaded.values()):
             s.stop()
+
+    def drain(self) -> None:
+        """Shutting down: refuse new requests (503), end the queued ones now (503),
+        let the running ones go on."""
+        for s in list(self.loaded.values()):
+            s.draining = True
+            if s.scheduler is not None:
+                s.scheduler.cancel_waiting()
 
     def cancel_all(self) -> None:
         for s in list(self.loaded.values()):
@@ -148,7 +158,7 @@ class Fleet:
         s = Serving(lambda: self.load_model(entry.spec), self.limits, aliases=[name, entry.name],
                     on_ready=lambda e: log.info("ready: %s", entry.name),
                     on_error=lambda e: log.error("%s failed to load: %s", entry.name, e))
-        s.keep_alive_s = self.keep_alive_s
+        s.keep_alive_s, s.on_done = self.keep_alive_s, self.on_done
         s.start()
         self.loaded[entry.name] = s
         return s

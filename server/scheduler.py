@@ -22,6 +22,15 @@ from fermi.serving import Delta, Done, EngineThread, Limits, QueueFull, Request,
 from .schemas import APIError
 
 
+class Cut(APIError):
+    """An answer the server cut short (shutting down): it must not look complete."""
+
+    def __init__(self, done: Done):
+        super().__init__(503, f"the answer was cut short after {done.completion_tokens} tokens: the server is "
+                              "shutting down", type="server_error", code="shutting_down")
+        self.done = done
+
+
 class Job:
     """One API request: its core requests (one per choice, n of them) and their
     records, tagged with the choice's index, in one queue."""
@@ -33,6 +42,8 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.open = len(requests)  # choices whose Done the consumer has not seen
         self.on_end: Callable[[], None] | None = None  # called once, when the consumer is done with it
+        self.abandoned = False  # its consumer stopped listening
+        self.on_done: Callable[[Done], None] | None = None  # each choice's Done, as it comes (the metrics)
         for i, r in enumerate(requests):
             r.sink = self._post(i)
 
@@ -49,6 +60,7 @@ class Job:
 
     def abandon(self) -> None:
         """The consumer stops listening (a client gone): cancel what has not ended."""
+        self.abandoned = True
         for r in self.requests:
             if not r.finished:
                 r.cancel()
@@ -58,13 +70,18 @@ class Job:
 
     async def records(self) -> AsyncIterator[tuple[int, Delta | Done]]:
         """(choice, record) as they come; ends after every choice's Done. Raises what
-        the engine raised."""
+        the engine raised, and Cut for an answer cancelled by the server (not by its
+        consumer)."""
         while self.open:
             index, item = await self.queue.get()
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Done):
                 self.open -= 1
+                if self.on_done is not None:
+                    self.on_done(item)
+                if item.finish_reason == "cancelled" and not self.abandoned:
+                    raise Cut(item)
             yield index, item
 
     async def collect(self, receive) -> list[list[Delta | Done]]:
@@ -100,6 +117,8 @@ class Serving(EngineThread):
         self.last_used = time.monotonic()
         self.keep_alive_s: float | None = None  # idle time before it is unloaded (fleet.py); None: never
         self.handed = 0.0  # when the fleet last handed it to a request (fleet.py)
+        self.on_done: Callable[[str, Done], None] | None = None  # (model, Done) of every answer (the metrics)
+        self.draining = False  # shutting down: nothing new is admitted, what runs may finish
 
     def require_engine(self) -> Engine:
         if self.error is not None:
@@ -107,7 +126,7 @@ class Serving(EngineThread):
                            code="model_load_failed")
         if self.engine is None or not self.ready.is_set():
             raise APIError(503, "the model is still loading; retry shortly", type="server_error", code="model_loading")
-        if self.stopping:
+        if self.stopping or self.draining:
             raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
         return self.engine
 
@@ -137,6 +156,8 @@ class Serving(EngineThread):
         except GrammarError as e:
             raise APIError(400, str(e), param=constraint_param, code="invalid_json_schema") from None
         job = Job(requests, asyncio.get_running_loop())
+        if self.on_done is not None:
+            job.on_done = lambda done, report=self.on_done, name=engine.name: report(name, done)
         try:
             self.submit_all(requests)
             self.inflight += 1

@@ -84,7 +84,7 @@ class Options(Struct, kw_only=True):
             value = kwargs["enable_thinking"]
             if not isinstance(value, bool):
                 raise APIError(400, "chat_template_kwargs.enable_thinking must be true or false",
-                               param="chat_template_kwargs.enable_thinking")
+                               param="chat_template_kwargs.enable_thinking", code="invalid_value")
             return "on" if value else "off"
         for e in (self.reasoning_effort, effort):
             if e is not None:

@@ -17,6 +17,7 @@ from fermi.tools import ToolSet
 from .schemas import APIError, ErrorBody, Options
 
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# "cancelled" reaches only an answer nobody reads (its client gone); one the server cut raises scheduler.Cut.
 FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls", "cancelled": "stop"}
 
 
@@ -112,6 +113,12 @@ def options(given: dict) -> Options:
                        code="invalid_value") from None
 
 
+def loggable(text: str) -> str:
+    """Text from a request, safe in a log line: control characters (a forged line
+    break), backslashes and non-ASCII escaped as Python writes them."""
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def stop_list(stop: str | list[str] | None) -> list[str] | None:
     return [stop] if isinstance(stop, str) else stop
 
@@ -141,6 +148,9 @@ async def guarded(job, log: dict, body: AsyncIterator[bytes],
         async for chunk in body:
             yield chunk
     except (FermiError, APIError) as e:
+        if done := getattr(e, "done", None):  # cut short: its tokens count in the log
+            note(log, done)
+            log["note"] = "cut short"
         for chunk in ending(e.message if isinstance(e, APIError) else str(e)):
             yield chunk
     finally:

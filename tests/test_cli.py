@@ -141,3 +141,13 @@ def test_run_raw_sends_the_prompt_as_it_is():
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Paris")  # a continuation, its leading space kept
     assert "prompt 5 tokens" in r.stderr.splitlines()[-1]
+
+
+def test_bad_flags_are_one_line_before_any_model_loads():
+    one_line_error(fermi("run", "--temperature", "-1", "Hi"), "temperature", "-1")
+    one_line_error(fermi("run", "--top-p", "0", "Hi"), "top_p")
+    one_line_error(fermi("run", "--max-new-tokens", "0", "Hi"), "--max-new-tokens")
+    r = fermi("run", "--bogus", "Hi")  # the verb's own usage, not the top level's
+    assert r.returncode == 2 and r.stderr.startswith("usage: fermi run") and "--bogus" in r.stderr
+    r = fermi("run", "-m", "smollm2-135m", "--quantize", "0", "--max-new-tokens", "2", "--temperature", "0", "Hi")
+    assert r.returncode == 0, r.stderr

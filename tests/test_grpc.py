@@ -1,7 +1,7 @@
 """The gRPC service end to end: grpcio clients against a real `fermi serve
 --grpc-port` (beside its HTTP API, the openai SDK for the comparisons), and the
 Gradio demo driven through gradio_client. One server for the module: an API
-key, 2 slots, a queue of 1, 3 sessions kept, idle sessions gone after 3 s; the
+key, 2 slots, a queue of 1, 3 sessions kept, idle sessions gone after 6 s; the
 Qwen3-style template, so that thinking on/off has an effect."""
 
 import filecmp
@@ -28,7 +28,7 @@ from server_util import MODEL, QWEN3_STYLE, Server, free_port
 
 KEY = "grpc-secret"
 AUTH = [("authorization", f"Bearer {KEY}")]
-TTL_MS = 3000
+TTL_MS = 6000
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,7 +73,7 @@ def test_sessions_evict_the_least_recently_used_idle_one_and_expire_idle_ones():
 def server():
     grpc_port = free_port()
     s = Server("--api-key", KEY, "--parallel", "2", "--queue-max", "1", "--grpc-port", str(grpc_port),
-               "--session-max", "3", "--session-ttl-ms", str(TTL_MS), template=QWEN3_STYLE)
+               "--session-max", "3", "--session-ttl-ms", str(TTL_MS), "--drain-seconds", "1", template=QWEN3_STYLE)
     s.grpc = f"127.0.0.1:{grpc_port}"
     # While the model loads, gRPC answers UNAVAILABLE (the service is up before the model).
     s.codes_while_loading = set()
@@ -177,14 +177,14 @@ def test_thinking_comes_as_reasoning_pieces_then_content(stub, client):
 def test_a_session_keeps_the_conversation_and_its_cache(stub, client):
     first, session_id, one, _ = generate(stub, "What is the capital of France?", system="Be brief.")
     second, same, two, _ = generate(stub, "And of Italy?", session_id=session_id)
+    info = stub.ResetSession(pb.SessionRequest(session_id=session_id), metadata=AUTH)
+    again, _, three, _ = generate(stub, "What is the capital of France?", session_id=session_id)
     assert same == session_id
     assert two.usage.cached_tokens >= one.usage.prompt_tokens  # the whole first turn was reused
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
                {"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
     assert (second, two.usage.prompt_tokens) == (lambda a, u: (a, u.prompt_tokens))(*http_answer(client, history))
-    info = stub.ResetSession(pb.SessionRequest(session_id=session_id), metadata=AUTH)
     assert (info.session_id, info.messages, info.model) == (session_id, 4, MODEL)  # two turns forgotten
-    again, _, three, _ = generate(stub, "What is the capital of France?", session_id=session_id)
     assert again == first  # the same system prompt, an empty history
     stub.CloseSession(pb.SessionRequest(session_id=session_id), metadata=AUTH)
     code, details = code_of(lambda: generate(stub, "Hi", session_id=session_id))

@@ -447,3 +447,19 @@ def test_a_request_waits_for_a_settle_only_when_the_settle_helps_it():
     assert follow.slot == a.slot and s.slots[a.slot].ids[:len(NEXT)] == NEXT
     run_all(s)
     assert done(g).cached_tokens == len(NEXT)
+
+
+def test_a_request_that_sets_no_max_tokens_gets_the_cores_default_cap():
+    s = core(max_tokens=4)
+    r, got = req([1, 2, 3], max_tokens=None)
+    given, g2 = req([1, 2, 3], max_tokens=7)
+    s.submit(r)
+    s.submit(given)
+    run_all(s)
+    assert done(got).completion_tokens == 4 and done(got).finish_reason == "length"
+    assert done(g2).completion_tokens == 7  # a request's own value wins
+    r, got = req([1, 2, 3], max_tokens=None)
+    uncapped = core(context_length=20)
+    uncapped.submit(r)
+    run_all(uncapped)
+    assert done(got).completion_tokens == 20 - 3  # no cap: up to the context's end

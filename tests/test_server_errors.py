@@ -2,6 +2,7 @@
 clients: raw httpx against a real server (the model's own template, an API key,
 two generations at once, room for one more in the queue)."""
 
+import json
 import re
 import signal
 import time
@@ -19,7 +20,7 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    with Server("--api-key", KEY, "--parallel", "2", env={"FERMI_QUEUE_MAX": "1"}) as s:
+    with Server("--api-key", KEY, "--parallel", "2", "--drain-seconds", "3", env={"FERMI_QUEUE_MAX": "1"}) as s:
         yield s
 
 
@@ -117,7 +118,37 @@ def test_body_too_large(http):
 
 def test_unknown_route_and_method(http):
     assert_error(http.get("/v1/nothing"), 404)
-    assert_error(http.get(CHAT), 405)
+    r = http.get(CHAT)
+    assert_error(r, 405)
+    assert "POST" in r.headers["allow"].split(", ")
+
+
+@pytest.mark.parametrize("body", [b'{"messages": [{"role": "user", "con', b'{"messages": "\xff"}',
+                                  b'{"messages": ' + b"[" * 1000 + b"]" * 1000 + b"}"],
+                         ids=["truncated", "not-utf8", "nested-1000-deep"])
+def test_json_that_cannot_be_read_is_invalid_json(http, body):
+    err = assert_error(http.post(CHAT, content=body, headers={"Content-Type": "application/json"}), 400,
+                       code="invalid_json")
+    assert err["message"].startswith("the request body is not valid JSON")
+
+
+def test_a_non_boolean_enable_thinking_has_a_code(http):
+    assert_error(http.post(CHAT, json={"messages": HI, "chat_template_kwargs": {"enable_thinking": "yes"}}), 400,
+                 param="chat_template_kwargs.enable_thinking", code="invalid_value")
+
+
+def test_request_ids_and_a_log_that_cannot_be_forged(server, http):
+    r = http.get("/v1/models", headers={"X-Request-Id": "trace-42"})
+    assert r.headers["x-request-id"] == "trace-42"
+    generated = http.get("/v1/models").headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert http.get("/v1/models", headers={"X-Request-Id": "bad id"}).headers["x-request-id"] != "bad id"
+    http.get("/v1/models%0Afermi: forged line %E2%9C%93")
+    time.sleep(0.2)
+    log = server.log()
+    assert any(line.startswith("fermi: trace-42 GET /v1/models 200") for line in log.splitlines())
+    assert not any(line.startswith("fermi: forged") for line in log.splitlines())
+    assert "/v1/models\\nfermi: forged line \\u2713 404" in log
 
 
 def test_a_normal_request_after_all_of_them(http):
@@ -156,12 +187,70 @@ def test_full_queue_answers_503_at_once(http):
             assert r.status_code == 200
             wait_for_stats(http, active=active, waiting=waiting)
         # ...so the next one is refused, now
-        err = assert_error(http.post(CHAT, json={"messages": HI, "max_tokens": 2}, timeout=10), 503, code="overloaded")
-        assert err["type"] == "server_error"
+        r = http.post(CHAT, json={"messages": HI, "max_tokens": 2}, timeout=10)
+        err = assert_error(r, 503, code="overloaded")
+        assert err["type"] == "server_error" and r.headers["retry-after"] == "1"
     # the three hang up: their places free, and the server answers again
     r = http.post(CHAT, json={"messages": HI, "max_tokens": 2, "temperature": 0})
     assert r.status_code == 200, r.text
     wait_for_stats(http, active=0, waiting=0)
+
+
+def test_a_queued_request_whose_client_gives_up_leaves_at_once(server, http):
+    wait_for_stats(http, active=0, waiting=0)
+    with ExitStack() as streams:
+        for active in (1, 2):
+            streams.enter_context(http.stream("POST", CHAT, json=stream_body(COUNT)))
+            wait_for_stats(http, active=active)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind the two, it gives up after 2 s
+            http.post(CHAT, json={"messages": [{"role": "user", "content": "Give up."}], "max_tokens": 2},
+                      timeout=2)
+        stats = wait_for_stats(http, timeout=5, waiting=0)  # ...and leaves the queue while they still run
+        assert stats["active"] == 2
+        gone = re.compile(r"POST /v1/chat/completions \S+ prompt=\d+ cached=0 completion=0 ([\d.]+)s \(cancelled\)")
+        deadline = time.monotonic() + 10
+        while not gone.search(server.log()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert float(gone.search(server.log()).group(1)) < 5, server.log()  # its handler ended: it was told
+    wait_for_stats(http, active=0, waiting=0)
+
+
+def scrape(http) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_metrics_move_by_exactly_what_was_asked(server, http):
+    assert_error(httpx.get(server.url("/metrics")), 401)  # behind the key (--metrics-public opens it)
+    wait_for_stats(http, active=0, waiting=0)
+    before = scrape(http)
+    count = {"messages": [{"role": "user", "content": "Count from 1 to 100."}], "max_tokens": 3, "temperature": 0}
+    usages = [http.post(CHAT, json=count).json()["usage"] for _ in range(2)]
+    assert_error(http.post(CHAT, json={"messages": []}), 400)
+    after = scrape(http)
+    model = (("model", MODEL),)
+
+    def moved(name, labels=model):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    chat = (("route", CHAT),)
+    assert moved("fermi_requests_total", chat + (("status", "200"),)) == 2
+    assert moved("fermi_requests_total", chat + (("status", "400"),)) == 1
+    assert moved("fermi_request_duration_seconds_count", chat) == 3
+    assert moved("fermi_prompt_tokens_total") == sum(u["prompt_tokens"] for u in usages)
+    assert moved("fermi_cached_tokens_total") == sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    assert moved("fermi_generated_tokens_total") == 6
+    assert moved("fermi_answers_total", (("finish_reason", "length"),) + model) == 2
+    assert moved("fermi_time_to_first_token_seconds_count") == 2
+    assert moved("fermi_inter_token_latency_seconds_count") == 2
+    assert after[("fermi_slots", model)] == 2 and after[("fermi_active_slots", model)] == 0
+    assert after[("fermi_queue_depth", model)] == 0 and after[("fermi_model_load_seconds", model)] > 0
+    assert 0 < after[("fermi_kv_cache_tokens", model)] <= after[("fermi_kv_cache_capacity_tokens", model)]
+    assert 0 <= after[("fermi_prefix_cache_hit_ratio", model)] <= 1
 
 
 def test_concurrent_clients_get_what_they_would_alone(http):
@@ -179,15 +268,37 @@ def test_concurrent_clients_get_what_they_would_alone(http):
     assert together == alone
 
 
-def test_request_log_and_clean_shutdown(server):
-    assert server.stop(signal.SIGTERM) == 0
+def test_sigterm_drains_then_cuts_what_still_runs_and_says_so(server, http):
+    assert http.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
+    assert httpx.get(server.url("/v1/models")).status_code == 401
+    wait_for_stats(http, active=0, waiting=0)
+    with ExitStack() as streams, ThreadPoolExecutor(1) as pool:
+        running = [streams.enter_context(http.stream("POST", CHAT, json=stream_body(COUNT))) for _ in range(2)]
+        wait_for_stats(http, active=2)
+        queued = pool.submit(http.post, CHAT, json={"messages": HI, "max_tokens": 2})
+        wait_for_stats(http, waiting=1)
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        r = queued.result()  # the queued one: 503 at once, to retry elsewhere
+        err = assert_error(r, 503, code="shutting_down")
+        assert r.headers["retry-after"] == "1" and time.monotonic() - signalled < 2.5
+        lines = list(running[0].iter_lines())  # the running one goes on for the drain's 3 s, then is cut
+        assert time.monotonic() - signalled >= 2.5
+    events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert "cut short after" in error["message"] and "shutting down" in error["message"]
+    assert not any('"finish_reason":"stop"' in line for line in lines)  # it does not look complete
+    assert err["type"] == "server_error"
+    assert server.proc.wait(30) == 0
     log = server.log()
     assert "Traceback" not in log
     lines = log.splitlines()
-    assert any(re.fullmatch(r"fermi: POST /v1/chat/completions 200 prompt=\d+ cached=\d+ completion=\d+ "
+    assert any(re.fullmatch(r"fermi: \w+ POST /v1/chat/completions 200 prompt=\d+ cached=\d+ completion=\d+ "
                             r"\d+\.\d+s", line) for line in lines), log
-    assert any(re.fullmatch(r"fermi: GET /v1/models 401 \d+\.\d+s", line) for line in lines), log
-    assert any(" 503 " in line for line in lines) and any(" 413 " in line for line in lines)
+    assert any(re.fullmatch(r"fermi: \w+ POST /v1/chat/completions 200 prompt=\d+ cached=\d+ completion=[1-9]\d* "
+                            r"\d+\.\d+s \(cut short\)", line) for line in lines), log  # its tokens counted
+    assert any(re.fullmatch(r"fermi: \w+ GET /v1/models 401 \d+\.\d+s", line) for line in lines), log
 
 
 def test_settings_env_and_flags():
@@ -197,6 +308,9 @@ def test_settings_env_and_flags():
     env = {"FERMI_API_KEY": "k", "FERMI_PORT": "9000", "FERMI_ENGINE_POOL": "2", "FERMI_SESSION_TTL_MS": "0"}
     s = Settings.from_env(env)
     assert (s.host, s.port, s.api_key, s.parallel, s.session_ttl_ms, s.queue_max) == ("127.0.0.1", 9000, "k", 2, 0, 64)
+    assert (s.max_tokens, s.grpc_port, s.session_max) == (4096, None, 256)
+    s = Settings.from_env({"FERMI_MAX_TOKENS": "0", "FERMI_GRPC_PORT": "50051", "FERMI_SESSION_MAX": "8"})
+    assert (s.max_tokens, s.grpc_port, s.session_max) == (0, 50051, 8)
     assert Settings.from_env({}).parallel is None  # the device's default: 4 slots on a CPU, 8 on a GPU
     assert Settings.from_env(env, port=8123, api_key="flag").port == 8123  # flags win
     with pytest.raises(FermiError, match="FERMI_ENGINE_POOL"):

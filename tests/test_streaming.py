@@ -128,3 +128,9 @@ def test_sampling_defaults_by_thinking_mode_and_generation_config():
     assert resolve({}, True, {"temperature": 0.3}).temperature == 0.3
     assert resolve({"temperature": 0.0}, True, {"temperature": 0.3}).greedy
     assert resolve({"top_k": None}, True).top_k == 20
+
+
+def test_a_template_whose_own_code_fails_is_a_template_error():
+    for source in ("{% for i in range(10**9) %}{% endfor %}", "{{ 1 // 0 }}", "{{ messages[0].content + 1 }}"):
+        with pytest.raises(FermiError, match="chat template error"):
+            ChatTemplate(source).render([{"role": "user", "content": "hi"}], "auto")

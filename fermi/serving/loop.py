@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,7 @@ class Limits:
     queue_max: int = 64  # requests waiting beyond the slots; more are refused
     session_ttl_ms: int = DEFAULT_TTL_MS  # a slot's kept prefix is forgotten after this idle time; 0 = never
     prefill_budget: int = PREFILL_BUDGET
+    max_tokens: int | None = None  # the output cap of a request that sets none; None: up to the context's end
 
 
 class EngineThread:
@@ -41,6 +43,7 @@ class EngineThread:
         self.limits = limits or Limits()  # checked by the Scheduler (the server's Settings check them first)
         self._load, self._on_ready, self._on_error = load, on_ready, on_error
         self.engine = self.scheduler = self.error = None
+        self.load_seconds: float | None = None
         self.ready = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._main, name="fermi-engine", daemon=True)
@@ -77,11 +80,13 @@ class EngineThread:
 
     def _main(self) -> None:
         try:
+            began = time.perf_counter()
             engine = self._load()
+            self.load_seconds = time.perf_counter() - began
             lim = self.limits
             slots = lim.slots or default_slots(engine.runtime.device)
             ttl = lim.session_ttl_ms / 1000 if lim.session_ttl_ms else None
-            self.scheduler = Scheduler(engine, slots, lim.queue_max, lim.prefill_budget, ttl)
+            self.scheduler = Scheduler(engine, slots, lim.queue_max, lim.prefill_budget, ttl, max_tokens=lim.max_tokens)
             self.engine = engine
         except BaseException as e:  # noqa: BLE001 - reported through /health and the CLI
             self.error = e

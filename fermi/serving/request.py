@@ -38,7 +38,7 @@ class TokenMask(Protocol):
 class Request:
     ids: list[int]
     params: SamplingParams
-    max_tokens: int
+    max_tokens: int | None  # None: the core's default cap (Limits.max_tokens), else up to the context's end
     stop: list[str] | None = None
     in_reasoning: bool = False  # generation starts inside an open think block
     keep_reasoning: bool = True  # False for thinking off: a think block the model emits is stripped

@@ -46,9 +46,11 @@ PREFILL_BUDGET = 256  # prompt tokens prefilled per step, all requests together
 
 class Scheduler:
     def __init__(self, engine, slots: int = 1, queue_max: int = 64, prefill_budget: int = PREFILL_BUDGET,
-                 ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic):
+                 ttl_s: float | None = None, clock: Callable[[], float] = time.monotonic,
+                 max_tokens: int | None = None):
         """engine: what the core needs of a loaded model: runtime, tokenizer, eos_ids,
-        context_length (fermi.engine.Engine, or a fake one in tests)."""
+        context_length (fermi.engine.Engine, or a fake one in tests). max_tokens: the
+        cap of a request that sets none (None: up to the context's end)."""
         if slots < 1:
             raise FermiError(f"the KV cache needs at least 1 slot, not {slots}")
         if queue_max < 0:
@@ -56,6 +58,7 @@ class Scheduler:
         if prefill_budget < 1:
             raise FermiError(f"the prefill budget must be >= 1 token, not {prefill_budget}")
         self.engine, self.runtime = engine, engine.runtime
+        self.max_tokens = max_tokens
         self.max_len = engine.context_length
         self.cache = self.runtime.new_cache(slots, self.max_len)
         self.slots = SlotStore(slots, ttl_s, clock)
@@ -80,9 +83,11 @@ class Scheduler:
                 raise FermiError("the prompt is empty")
             if len(request.ids) >= self.max_len:
                 raise ContextOverflow(len(request.ids), self.max_len)
-            if request.max_tokens < 0:
+            if request.max_tokens is not None and request.max_tokens < 0:
                 raise FermiError(f"max_tokens must be >= 0, not {request.max_tokens}")
-            request.max_tokens = min(request.max_tokens, self.max_len - len(request.ids))
+            room = self.max_len - len(request.ids)
+            cap = request.max_tokens if request.max_tokens is not None else self.max_tokens
+            request.max_tokens = room if cap is None else min(cap, room)
             request.submitted = time.perf_counter()
         with self.lock:
             waiting = self.queued()
@@ -104,6 +109,13 @@ class Scheduler:
     def busy(self) -> bool:
         """Work to do: something waits or runs (or was cancelled and must be told)."""
         return bool(self.running or self.waiting)
+
+    def cancel_waiting(self) -> None:
+        """Cancel what has not started (a drain): told at the next step."""
+        with self.lock:
+            for r in self.waiting:
+                r.cancel()
+            self.lock.notify_all()
 
     def cancel_all(self) -> None:
         with self.lock:

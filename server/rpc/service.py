@@ -207,8 +207,6 @@ class FermiService(pb_grpc.FermiServicer):
         try:
             async for _, rec in job.records():
                 if isinstance(rec, Done):
-                    if rec.finish_reason == "cancelled":
-                        raise Refused(Code.UNAVAILABLE, "the answer was cut short: the server is shutting down")
                     yield pb.GenerateResponse(session_id=session_id, finish_reason=FINISH[rec.finish_reason],
                                               usage=usage(rec))
                     continue
@@ -219,7 +217,7 @@ class FermiService(pb_grpc.FermiServicer):
                 if rec.tokens:
                     piece.token_id = rec.tokens[-1]
                 yield piece
-        except (FermiError, Refused) as e:
+        except (FermiError, APIError, Refused) as e:  # (a cut answer: scheduler.Cut, UNAVAILABLE)
             await self.refuse(context, "stream", e)
 
     def idle_session(self, session_id: str) -> Session:
@@ -237,7 +235,7 @@ class FermiService(pb_grpc.FermiServicer):
     async def refuse(self, context, method: str, e: Exception, started: float | None = None) -> None:
         r = refused(e)
         if started is not None:
-            log.info("gRPC %s %s %.3fs (%s)", method, r.code.name, time.perf_counter() - started, r.message)
+            log.info("gRPC %s %s %.3fs (%s)", method, r.code.name, time.perf_counter() - started, wire.loggable(r.message))
         await context.abort(r.code, r.message)
 
     @staticmethod
