@@ -44,10 +44,10 @@ def sampling_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in SAMPLING_FLAGS}
 
 
-def load_engine(args) -> Engine:
+def load_engine(args, notice=None) -> Engine:
     """Load the model named by the flags, with a progress bar on a terminal and
-    the one startup line on stderr."""
-    notice = lambda msg: print(f"fermi: {msg}", file=sys.stderr)  # noqa: E731
+    the one startup line on stderr (or to `notice`)."""
+    notice = notice or (lambda msg: print(f"fermi: {msg}", file=sys.stderr))
     with progress_bar() as progress:
         engine = Engine.load(args.model, args.backend, args.dtype, args.quantize, progress=progress, notice=notice)
     if not args.quiet:

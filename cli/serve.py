@@ -35,6 +35,8 @@ def add_parser(sub) -> None:
     g.add_argument("--drain-seconds", type=float, default=10.0, metavar="S", help="on SIGTERM, the time running "
                    "answers get to finish (new and queued requests get 503 at once), then they are cut; Ctrl-C cuts "
                    "at once (default 10)")
+    g.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="the request log on stderr: 'fermi: …' lines, or one JSON object a line")
     g.add_argument("--metrics-public", action="store_true", help="GET /metrics without the API key")
     g.add_argument("--max-tokens", type=int, metavar="N", help="the output cap of a request that sets none, "
                    "0 = up to the context's end (default: $FERMI_MAX_TOKENS or 4096)")
@@ -56,7 +58,7 @@ def serve(args) -> int:
     import uvicorn
 
     from fermi.engine import Engine
-    from fermi.server.app import RequestLog, Settings, create_app
+    from fermi.server.app import JsonLog, RequestLog, Settings, create_app
     from fermi.template import ChatTemplate
 
     settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
@@ -74,7 +76,7 @@ def serve(args) -> int:
             raise FermiError(f"cannot read the chat template {args.chat_template}: {e.strerror}") from None
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("fermi: %(message)s"))
+    handler.setFormatter(JsonLog() if args.log_format == "json" else logging.Formatter("fermi: %(message)s"))
     for name in ("fermi.server", "fermi.serving"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
@@ -82,7 +84,7 @@ def serve(args) -> int:
     log = logging.getLogger("fermi.server")
 
     def load():
-        engine = load_engine(args)
+        engine = load_engine(args, notice=log.info)  # (the log's format: text or JSON)
         if template is not None:
             engine.model = dataclasses.replace(engine.model, chat_template=template)
             engine.template = ChatTemplate(template, engine.tokenizer.bos_token, engine.tokenizer.eos_token)

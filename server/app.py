@@ -7,6 +7,7 @@ Ollama's /api routes, Ollama's {"error": "…"})."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -228,6 +229,19 @@ def error_response(request: Request, exc: Exception) -> Response:
 REQUEST_ID = re.compile(r"^[\w.:@/+=-]{1,128}$")
 
 
+class JsonLog(logging.Formatter):
+    """--log-format json: one JSON object a line (time, level, message, and a
+    request's fields: request_id, method, path, status, tokens, duration_s, note)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+               "level": record.levelname.lower(), "message": record.getMessage()}
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["error"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=True)
+
+
 class RequestLog:
     """ASGI wrapper: one line per request on the `fermi.server` logger: request id,
     method, path, status, tokens (when a controller left them in the scope),
@@ -264,8 +278,12 @@ class RequestLog:
                           f" completion={info.get('completion_tokens', 0)}")
             note = f" ({info['note']})" if info.get("note") else ""
             took = time.perf_counter() - start
+            fields = {"request_id": rid, "method": scope["method"], "path": scope["path"],
+                      "status": info["status"] or None, "duration_s": round(took, 6)}
+            fields.update({k: info[k] for k in ("prompt_tokens", "cached_tokens", "completion_tokens", "note")
+                           if k in info})
             log.info("%s %s %s %s%s %.3fs%s", rid, scope["method"], loggable(scope["path"]), info["status"] or "-",
-                     tokens, took, note)
+                     tokens, took, note, extra={"fields": fields})
             metrics = getattr(self.app.state, "metrics", None)
             if metrics is not None:
                 metrics.request(scope["path"], info["status"], took)

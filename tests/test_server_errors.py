@@ -301,6 +301,19 @@ def test_sigterm_drains_then_cuts_what_still_runs_and_says_so(server, http):
     assert any(re.fullmatch(r"fermi: \w+ GET /v1/models 401 \d+\.\d+s", line) for line in lines), log
 
 
+def test_json_logs_are_one_object_a_line():
+    with Server("--log-format", "json") as s:
+        httpx.post(s.url("/v1/chat/completions"), json={"messages": HI, "max_tokens": 2},
+                   headers={"X-Request-Id": "json-1"})
+        httpx.get(s.url("/v1/models%0Aforged"))
+        time.sleep(0.2)
+        records = [json.loads(line) for line in s.log().splitlines()]  # every line parses
+    chat = next(r for r in records if r.get("request_id") == "json-1")
+    assert (chat["method"], chat["path"], chat["status"], chat["completion_tokens"]) == ("POST", CHAT, 200, 2)
+    assert chat["level"] == "info" and chat["duration_s"] > 0 and chat["prompt_tokens"] > 0
+    assert any(r.get("path") == "/v1/models\nforged" and r["status"] == 404 for r in records)
+
+
 def test_settings_env_and_flags():
     from fermi.errors import FermiError
     from fermi.server.app import Settings

@@ -136,22 +136,15 @@ class FermiService(pb_grpc.FermiServicer):
             return
         session.system = system
         content: list[str] = []
-        outcome = "cancelled"  # unless the stream ends (ok) or fails
-        try:
-            async for response in self.stream(job, context, session.id, content):
-                last = response
-                yield response
-            outcome = "ok"
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            job.abandon()
+
+        def after(outcome: str) -> None:
             session.busy = False
             self.sessions.touch(session)
             if outcome != "failed":  # answered, or cancelled: the partial answer stays, as in fermi chat
                 session.messages += [user, {"role": "assistant", "content": "".join(content)}]
-            self.logged("Generate", outcome, last.usage if outcome == "ok" else None, started)
+
+        async for response in self.relay("Generate", job, context, session.id, content, started, after):
+            yield response
 
     async def Chat(self, request: pb.ChatRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         started = time.perf_counter()
@@ -168,18 +161,8 @@ class FermiService(pb_grpc.FermiServicer):
         except Exception as e:  # noqa: BLE001
             await self.refuse(context, "Chat", e, started)
             return
-        outcome = "cancelled"
-        try:
-            async for response in self.stream(job, context, "", []):
-                last = response
-                yield response
-            outcome = "ok"
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            job.abandon()
-            self.logged("Chat", outcome, last.usage if outcome == "ok" else None, started)
+        async for response in self.relay("Chat", job, context, "", [], started):
+            yield response
 
     async def ResetSession(self, request: pb.SessionRequest, context) -> pb.SessionInfo:
         try:
@@ -201,6 +184,25 @@ class FermiService(pb_grpc.FermiServicer):
                                              for m in await all_models(self.fleet)])
 
     # --- the parts
+
+    async def relay(self, method: str, job, context, session_id: str, content: list[str], started: float,
+                    after=None) -> AsyncIterator[pb.GenerateResponse]:
+        """stream(), then: the job let go, after(outcome) called, the log line written;
+        outcome: ok (answered), cancelled (the client left), failed."""
+        outcome, last = "cancelled", None
+        try:
+            async for response in self.stream(job, context, session_id, content):
+                last = response
+                yield response
+            outcome = "ok"
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            job.abandon()
+            if after is not None:
+                after(outcome)
+            self.logged(method, outcome, last.usage if outcome == "ok" else None, started)
 
     async def stream(self, job, context, session_id: str, content: list[str]) -> AsyncIterator[pb.GenerateResponse]:
         """The job's records as responses (content pieces also into `content`)."""
