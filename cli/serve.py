@@ -37,6 +37,10 @@ def add_parser(sub) -> None:
                    "at once (default 10)")
     g.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="the request log on stderr: 'fermi: …' lines, or one JSON object a line")
+    g.add_argument("--allowed-hosts", metavar="NAMES", help="Host names served besides IP addresses and localhost, "
+                   "comma-separated; * = any (default: $FERMI_ALLOWED_HOSTS; guards against DNS rebinding)")
+    g.add_argument("--cors-origins", metavar="ORIGINS", help="web origins whose pages may call the server, "
+                   "comma-separated; * = any (default: $FERMI_CORS_ORIGINS, else none)")
     g.add_argument("--metrics-public", action="store_true", help="GET /metrics without the API key")
     g.add_argument("--max-tokens", type=int, metavar="N", help="the output cap of a request that sets none, "
                    "0 = up to the context's end (default: $FERMI_MAX_TOKENS or 4096)")
@@ -64,7 +68,8 @@ def serve(args) -> int:
     settings = Settings.from_env(host=args.host, port=args.port, api_key=args.api_key, parallel=args.parallel,
                                  queue_max=args.queue_max, session_ttl_ms=args.session_ttl_ms,
                                  max_loaded=args.max_loaded, keep_alive=args.keep_alive, grpc_port=args.grpc_port,
-                                 session_max=args.session_max, max_tokens=args.max_tokens)
+                                 session_max=args.session_max, max_tokens=args.max_tokens,
+                                 allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
     settings.metrics_public = args.metrics_public
     if args.model:
         settings.aliases = [args.model]

@@ -7,6 +7,7 @@ Ollama's /api routes, Ollama's {"error": "…"})."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -20,11 +21,14 @@ from typing import Callable
 
 import anyio
 from litestar import Litestar, Request, Response, Router
+from litestar.config.cors import CORSConfig
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException, SerializationException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType
 
 from fermi import __version__
 from fermi.engine import Engine
@@ -39,7 +43,7 @@ from .ollama import OllamaController, root
 from .responses import ResponsesController
 from .fleet import Fleet, keep_alive_seconds
 from .wire import loggable
-from .schemas import APIError
+from .schemas import APIError, ErrorResponse, OllamaError
 
 log = logging.getLogger("fermi.server")
 
@@ -59,6 +63,8 @@ class Settings:
     max_loaded: int = 1  # FERMI_MAX_LOADED: models resident at once
     keep_alive: str = "5m"  # FERMI_KEEP_ALIVE: idle time before a model loaded on demand is unloaded
     metrics_public: bool = False  # GET /metrics without the API key
+    allowed_hosts: str = ""  # FERMI_ALLOWED_HOSTS: Host names served besides IP literals and localhost; "*": any
+    cors_origins: str = ""  # FERMI_CORS_ORIGINS: web origins whose pages may call the server; "" none, "*" any
     grpc_port: int | None = None  # FERMI_GRPC_PORT: the gRPC service (server/rpc/), on the same host; None: off
     session_max: int = 256  # FERMI_SESSION_MAX: gRPC conversations kept; the least recently used goes first
     aliases: list[str] = field(default_factory=list)  # names besides the model's own that mean it
@@ -66,7 +72,8 @@ class Settings:
     ENV = {"host": "FERMI_HOST", "port": "FERMI_PORT", "api_key": "FERMI_API_KEY", "parallel": "FERMI_ENGINE_POOL",
            "queue_max": "FERMI_QUEUE_MAX", "session_ttl_ms": "FERMI_SESSION_TTL_MS", "max_body": "FERMI_MAX_BODY",
            "max_loaded": "FERMI_MAX_LOADED", "keep_alive": "FERMI_KEEP_ALIVE", "grpc_port": "FERMI_GRPC_PORT",
-           "session_max": "FERMI_SESSION_MAX", "max_tokens": "FERMI_MAX_TOKENS"}
+           "session_max": "FERMI_SESSION_MAX", "max_tokens": "FERMI_MAX_TOKENS",
+           "allowed_hosts": "FERMI_ALLOWED_HOSTS", "cors_origins": "FERMI_CORS_ORIGINS"}
     INTS = ("port", "parallel", "queue_max", "session_ttl_ms", "max_body", "max_loaded", "grpc_port", "session_max",
             "max_tokens")
 
@@ -154,8 +161,12 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     metrics = Metrics(fleet)
     fleet.on_done = metrics.done
     scrape = Router(path="/", route_handlers=[metrics_route], guards=[] if settings.metrics_public else [api_key_guard])
+    origins = names(settings.cors_origins)
     app = Litestar(
         route_handlers=[v1, ollama, scrape, HealthController, root],
+        before_request=web_guard(names(settings.allowed_hosts)),
+        cors_config=CORSConfig(allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                               expose_headers=["x-request-id"]) if origins else None,
         dependencies={"fleet": Provide(lambda: fleet, sync_to_thread=False),
                       "request_metrics": Provide(lambda: metrics, sync_to_thread=False)},
         lifespan=[lifespan],
@@ -165,16 +176,95 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
                                      description="An OpenAI-compatible server for local models."),
         debug=False,
     )
+    document_errors(app, bool(settings.api_key))
     app.state.fleet = fleet
     app.state.metrics = metrics
     app.state.settings = settings
     return app
 
 
+ERRORS = {400: "bad input: the message and the offending field (param)",
+          401: "no API key, or a wrong one (when the server has one)",
+          403: "a Host that is not an IP address, localhost or an allowed name",
+          404: "a model (or route) not here", 413: "the body is larger than FERMI_MAX_BODY",
+          415: "a body not sent as application/json", 503: "the model is loading, the queue is full, or the "
+          "server is shutting down (Retry-After)"}
+
+
+STREAMS = {"/v1/chat/completions": "text/event-stream", "/v1/responses": "text/event-stream",
+           "/v1/completions": "text/event-stream", "/api/chat": "application/x-ndjson",
+           "/api/generate": "application/x-ndjson", "/api/pull": "application/x-ndjson"}
+STREAMS_HOW = {"text/event-stream": "with stream=true: server-sent events, `data: {…}` lines",
+               "application/x-ndjson": "streamed (the default): one JSON object a line"}
+
+
+def document_errors(app: Litestar, keyed: bool) -> None:
+    """Every route's schema says what its errors look like: OpenAI's error object
+    (Ollama's {"error": "…"} on /api), with the statuses the server answers."""
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", []):
+            if not handler.include_in_schema or route.path == "/health":
+                continue
+            shape = OllamaError if route.path.startswith("/api/") else ErrorResponse
+            codes = [403, 503] + ([400, 404, 413, 415] if "POST" in handler.http_methods else [400, 404])
+            if keyed or route.path.startswith(("/v1", "/api", "/metrics")):
+                codes.append(401)
+            handler.responses = {**{c: ResponseSpec(shape, description=ERRORS[c]) for c in sorted(codes)},
+                                 **(handler.responses or {})}
+    spec = app.openapi_schema  # (generated now, served as it is): the streamed answers' media types too
+    for path, media in STREAMS.items():
+        ok = spec.paths[path].post.responses["200"]
+        ok.description = f"{ok.description}; {STREAMS_HOW[media]} ({media})"
+        ok.content = {**(ok.content or {}), media: OpenAPIMediaType()}  # (text, no JSON schema)
+
+
+def names(value: str) -> list[str]:
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+JSON_TYPE = re.compile(r"^application/([\w.+-]+\+)?json\s*(;|$)", re.I)
+
+
+def web_guard(allowed_hosts: list[str]):
+    """Defaults against web pages the user visits: a Host that is not an IP literal,
+    localhost or an allowed name is refused (403: DNS rebinding would let a page
+    read the replies), and so is a body that is not declared JSON (415: text/plain
+    and form bodies are the cross-site POSTs a browser sends without asking)."""
+    allowed = {h.lower() for h in allowed_hosts}
+
+    def guard(request: Request) -> None:
+        host = request.headers.get("host", "")
+        name = host.rsplit("]", 1)[0].lstrip("[") if host.startswith("[") else host.rsplit(":", 1)[0]
+        if host and "*" not in allowed and not host_ok(name.lower(), allowed):
+            raise APIError(403, f"the Host '{host}' is not served here: the server answers to IP addresses and "
+                                "localhost; add a name with --allowed-hosts (FERMI_ALLOWED_HOSTS)",
+                           type="permission_error", code="host_not_allowed")
+        sized = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+        if request.method in ("POST", "PUT", "PATCH", "DELETE") and sized and \
+                not JSON_TYPE.match(request.headers.get("content-type", "")):
+            kind = request.headers.get("content-type") or "none"
+            raise APIError(415, f"the request body must be sent as Content-Type: application/json (not {kind}); "
+                                "curl: --json, or -H 'Content-Type: application/json'",
+                           code="unsupported_media_type")
+
+    return guard
+
+
+def host_ok(name: str, allowed: set[str]) -> bool:
+    if name in allowed or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
                 429: "rate_limit_error"}
-STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+STATUS_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large",
+                415: "unsupported_media_type"}
 
 
 def to_api_error(exc: Exception) -> APIError:

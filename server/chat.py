@@ -10,7 +10,6 @@ from typing import AsyncIterator
 
 import msgspec
 from litestar import Controller, Request, post
-from litestar.response import Stream
 
 from fermi.engine import Engine
 from fermi.serving import Delta, Done, ToolCall
@@ -22,7 +21,7 @@ from .schemas import (
     ChoiceLogprobs, ChunkChoice, ChunkDelta, CompletionTokensDetails, FunctionCall, PromptTokensDetails,
     TokenLogprob, ToolCallOut, TopLogprob, Usage,
 )
-from .wire import FINISH, guarded, json_format, note, sse, sse_error, stop_list, tool_set
+from .wire import FINISH, event_stream, guarded, json_format, logprob, note, sse, sse_error, stop_list, tool_set
 
 OPEN, CLOSE = "<think>\n", "\n</think>\n\n"  # inline reasoning (reasoning_format "inline")
 
@@ -54,9 +53,7 @@ class ChatController(Controller):
         log = request.scope.get("fermi.log", {})
         if data.stream:
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(guarded(job, log, sse_chunks(job, replies, include_usage, log), sse_error),
-                          media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(guarded(job, log, sse_chunks(job, replies, include_usage, log), sse_error))
         choices, dones = [], []
         for reply, records in zip(replies, await job.collect(request.receive)):
             for rec in records[:-1]:
@@ -198,10 +195,9 @@ def token_logprob(engine: Engine, sample) -> TokenLogprob:
     top = []
     for token, lp in sample.top or []:
         t, b = piece(token)
-        top.append(TopLogprob(t, float(lp), b))
+        top.append(TopLogprob(t, logprob(lp), b))
     text, raw = piece(sample.token)
-    logprob = float(sample.logprob) if sample.logprob is not None else 0.0
-    return TokenLogprob(text, logprob, raw, top)
+    return TokenLogprob(text, logprob(sample.logprob), raw, top)
 
 
 async def sse_chunks(job: Job, replies: list[Reply], include_usage: bool, log: dict) -> AsyncIterator[bytes]:

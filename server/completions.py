@@ -11,7 +11,6 @@ from typing import AsyncIterator
 
 import msgspec
 from litestar import Controller, Request, post
-from litestar.response import Stream
 
 from fermi.engine import Engine
 from fermi.serving import Done, Request as CoreRequest
@@ -22,7 +21,7 @@ from .schemas import (
     APIError, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionTokensDetails,
     PromptTokensDetails, Usage,
 )
-from .wire import FINISH, guarded, note, sse, sse_error, stop_list
+from .wire import FINISH, event_stream, guarded, logprob, note, sse, sse_error, stop_list
 
 
 class CompletionsController(Controller):
@@ -62,9 +61,7 @@ class CompletionsController(Controller):
         log = request.scope.get("fermi.log", {})
         if data.stream:
             include = bool(data.stream_options and data.stream_options.include_usage)
-            return Stream(guarded(job, log, chunks(job, choices, head, include, log), sse_error),
-                          media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(guarded(job, log, chunks(job, choices, head, include, log), sse_error))
         dones = []
         for choice, records in zip(choices, await job.collect(request.receive)):
             for rec in records[:-1]:
@@ -114,8 +111,8 @@ class Choice:
         for sample in rec.logprobs:
             token = self.engine.tokenizer.decode([sample.token])
             piece.tokens.append(token)
-            piece.token_logprobs.append(float(sample.logprob or 0.0))
-            piece.top_logprobs.append({self.engine.tokenizer.decode([t]): float(lp) for t, lp in sample.top or []})
+            piece.token_logprobs.append(logprob(sample.logprob))
+            piece.top_logprobs.append({self.engine.tokenizer.decode([t]): logprob(lp) for t, lp in sample.top or []})
             piece.text_offset.append(offset)
             offset += len(token)
         for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):

@@ -8,6 +8,7 @@ import time
 
 import anyio
 from litestar import Controller, Response, get
+from litestar.openapi.datastructures import ResponseSpec
 
 from fermi import registry
 
@@ -51,7 +52,8 @@ class HealthController(Controller):
     path = "/health"
     tags = ["health"]
 
-    @get(summary="Health", description="503 while the server's model loads (or if it failed to), then 200.")
+    @get(summary="Health", description="503 while the server's model loads (or if it failed to), then 200.",
+         responses={503: ResponseSpec(Health, description="the model is loading, or failed to load")})
     async def health(self, fleet: Fleet) -> Response[Health]:
         s = fleet.primary or fleet.find_loaded(None)
         if s is None:  # no model resident: the server is up, the next request loads one

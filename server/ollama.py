@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 import anyio
 import msgspec
 from litestar import Controller, Request, delete, get, post
-from litestar.response import Response, Stream
+from litestar.response import Response
 from msgspec import Struct
 
 from fermi import __version__, registry, sources
@@ -32,7 +32,7 @@ from fermi.serving import Done, ToolCall
 from .fleet import Fleet
 from .scheduler import Job
 from .schemas import APIError
-from .wire import guarded, json_format, note, stop_list, tool_set
+from .wire import guarded, json_format, ndjson_stream, note, stop_list, tool_set
 
 SAMPLING = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "seed": "seed",
             "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
@@ -239,8 +239,8 @@ async def answer(request: Request, job: Job, engine: Engine, shape, stream: bool
     """The reply, streamed as NDJSON or whole; shape(fields) -> the object's own fields."""
     log = request.scope.get("fermi.log", {})
     if stream:
-        return Stream(guarded(job, log, ndjson_chunks(job, engine, shape, started, log),
-                              lambda message: [ndjson({"error": message})]), media_type="application/x-ndjson")
+        return ndjson_stream(guarded(job, log, ndjson_chunks(job, engine, shape, started, log),
+                                     lambda message: [ndjson({"error": message})]))
     records = (await job.collect(request.receive))[0]
     reply = Answer()
     for rec in records[:-1]:
@@ -385,11 +385,13 @@ class OllamaController(Controller):
             except FermiError as e:
                 raise APIError(400, str(e), param="model") from None
             return {"status": "success"}
-        return Stream(pull_progress(name), media_type="application/x-ndjson")
+        return ndjson_stream(pull_progress(name))
 
     @delete("/delete", summary="Ollama: delete a model from the Hugging Face cache", status_code=200)
     async def delete_model(self, data: PullRequest, fleet: Fleet) -> None:
         name = data.model or data.name or ""
+        if not name:
+            raise APIError(400, "name the model to delete: 'model'", param="model")
         loaded = fleet.find_loaded(name)
         if loaded is not None:
             if not fleet.idle(loaded):

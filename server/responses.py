@@ -23,7 +23,6 @@ from typing import AsyncIterator
 
 import msgspec
 from litestar import Controller, Request, post
-from litestar.response import Stream
 
 from fermi.engine import Engine
 from fermi.sampling import SamplingParams
@@ -36,7 +35,7 @@ from .schemas import (
     OutputText, OutputTokensDetails, ReasoningConfig, ReasoningItem, ReasoningText, ResponseObject,
     ResponsesRequest, ResponseUsage, TextConfig,
 )
-from .wire import guarded, json_format, note, stop_list, tool_set
+from .wire import event_stream, guarded, json_format, note, stop_list, tool_set
 
 TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -65,8 +64,7 @@ class ResponsesController(Controller):
         build = Builder(engine, data, job.request.params)
         log = request.scope.get("fermi.log", {})
         if data.stream:
-            return Stream(guarded(job, log, sse_events(job, build, log), build.failed), media_type="text/event-stream",
-                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return event_stream(guarded(job, log, sse_events(job, build, log), build.failed))
         records = (await job.collect(request.receive))[0]
         for rec in records[:-1]:
             build.add(rec)

@@ -24,6 +24,10 @@ class ErrorResponse(Struct):
     error: ErrorBody
 
 
+class OllamaError(Struct):
+    error: str
+
+
 class APIError(Exception):
     """Raised by a controller; answered as an OpenAI error object with `status`."""
 
@@ -38,14 +42,22 @@ class APIError(Exception):
 
 # --- request value types
 
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0, description="0 is greedy")]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+def bounded(kind, ge=None, gt=None, le=None, description=None):
+    """`kind` within bounds; a bound of zero is also written into the OpenAPI schema
+    by hand (Litestar's schema generation drops falsy bounds)."""
+    zeros = {key: 0 for key, v in (("minimum", ge), ("exclusive_minimum", gt)) if v == 0}
+    return Annotated[kind, Meta(ge=ge, gt=gt, le=le, description=description,
+                                extra_json_schema={"extra": zeros} if zeros else None)]
+
+
+Temperature = bounded(float, ge=0.0, le=2.0, description="0 is greedy")
+TopP = bounded(float, gt=0.0, le=1.0)
 TopK = Annotated[int, Meta(ge=-1, description="0 or -1: off")]
-MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
-RepetitionPenalty = Annotated[float, Meta(gt=0.0, le=10.0)]
+MinP = bounded(float, ge=0.0, le=1.0)
+RepetitionPenalty = bounded(float, gt=0.0, le=10.0)
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Meta(ge=1)]
-TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+TopLogprobs = bounded(int, ge=0, le=20)
 Thinking = Literal["on", "off", "auto"]
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 ReasoningFormat = Literal["auto", "separate", "parsed", "deepseek", "inline", "none"]
@@ -237,13 +249,13 @@ class ChatCompletionChunk(Struct, kw_only=True):
 class CompletionRequest(Options, kw_only=True):
     prompt: str | list[Any]  # a string, strings, token ids, or lists of token ids (checked by the route)
     model: str | None = None
-    max_tokens: Annotated[int, Meta(ge=0)] | None = 16  # OpenAI's default
+    max_tokens: bounded(int, ge=0) | None = 16  # OpenAI's default
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     n: Annotated[int, Meta(ge=1, le=16)] | None = None
     echo: bool = False
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    logprobs: TopLogprobs | None = None
     suffix: str | None = None
     best_of: int | None = None
     user: str | None = None

@@ -4,10 +4,12 @@ stop lists; the request log's counts; the error that ends a stream."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import AsyncIterator, Callable
 
 import msgspec
+from litestar.response import Stream
 
 from fermi.errors import FermiError
 from fermi.grammar import GrammarError, check, json_grammar
@@ -119,6 +121,15 @@ def loggable(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")
 
 
+FLOOR = -9999.0  # OpenAI's logprob for a token of no probability
+
+
+def logprob(value) -> float:
+    """A sample's logprob as JSON can carry it (an impossible token: FLOOR, never null)."""
+    v = 0.0 if value is None else float(value)
+    return v if math.isfinite(v) else FLOOR
+
+
 def stop_list(stop: str | list[str] | None) -> list[str] | None:
     return [stop] if isinstance(stop, str) else stop
 
@@ -129,6 +140,25 @@ def note(log: dict, done: Done) -> None:
                completion_tokens=done.completion_tokens)
     if done.finish_reason == "cancelled":
         log["note"] = "cancelled"
+
+
+class Streamed(Stream):
+    """A streamed answer sent as its own media type (Litestar would give it the
+    route's, application/json)."""
+
+    def to_asgi_response(self, *args, media_type=None, **kwargs):
+        return super().to_asgi_response(*args, media_type=self.media_type, **kwargs)
+
+
+def event_stream(body: AsyncIterator[bytes]) -> Streamed:
+    """Server-sent events (OpenAI's streams), never cached or buffered on the way."""
+    return Streamed(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache",
+                                                                   "X-Accel-Buffering": "no"})
+
+
+def ndjson_stream(body: AsyncIterator[bytes]) -> Streamed:
+    """One JSON object a line (Ollama's streams)."""
+    return Streamed(body, media_type="application/x-ndjson")
 
 
 def sse(obj) -> bytes:

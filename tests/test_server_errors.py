@@ -268,12 +268,60 @@ def test_concurrent_clients_get_what_they_would_alone(http):
     assert together == alone
 
 
+# --- web pages: Host, body types, CORS
+
+
+def test_a_host_that_is_not_an_address_or_localhost_is_refused(server, http):
+    port = server.port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "app.localhost"):
+        assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+    err = assert_error(http.get("/v1/models", headers={"Host": f"rebound.example:{port}"}), 403,
+                       code="host_not_allowed")
+    assert "--allowed-hosts" in err["message"]
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_a_body_not_declared_json_is_refused(http, kind):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}'
+    headers = {"Content-Type": kind} if kind else {}
+    r = http.post(CHAT, content=body, headers=headers)  # (None: httpx sends no Content-Type for bytes)
+    assert kind is not None or "content-type" not in r.request.headers
+    err = assert_error(r, 415, code="unsupported_media_type")
+    assert "application/json" in err["message"]
+    ok = http.post(CHAT, content=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_cors_is_off_unless_asked_and_allowed_hosts_widen_the_host_check():
+    from litestar.testing import TestClient
+
+    from fermi.server.app import Settings, create_app
+
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type,authorization"}
+    with TestClient(create_app(None, Settings()), base_url="http://127.0.0.1:8000") as c:
+        r = c.get("/health", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in c.options(CHAT, headers=preflight).headers
+        assert c.get("/health", headers={"Host": "box.lan"}).status_code == 403
+    settings = Settings(cors_origins="https://app.example", allowed_hosts="box.lan")
+    with TestClient(create_app(None, settings), base_url="http://127.0.0.1:8000") as c:
+        r = c.options(CHAT, headers=preflight)
+        assert r.status_code in (200, 204) and r.headers["access-control-allow-origin"] == "https://app.example"
+        r = c.get("/health", headers={"Origin": "https://app.example"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+        assert "access-control-allow-origin" not in c.options(CHAT, headers={**preflight, "Origin": "https://x.example"}).headers
+        assert c.get("/health", headers={"Host": "box.lan"}).status_code == 200
+        assert c.get("/health", headers={"Host": "other.lan"}).status_code == 403
+
+
 def test_sigterm_drains_then_cuts_what_still_runs_and_says_so(server, http):
     assert http.post(CHAT, json={"messages": HI, "max_tokens": 2}).status_code == 200
     assert httpx.get(server.url("/v1/models")).status_code == 401
     wait_for_stats(http, active=0, waiting=0)
     with ExitStack() as streams, ThreadPoolExecutor(1) as pool:
         running = [streams.enter_context(http.stream("POST", CHAT, json=stream_body(COUNT))) for _ in range(2)]
+        assert running[0].headers["content-type"].startswith("text/event-stream")  # (not the route's JSON)
         wait_for_stats(http, active=2)
         queued = pool.submit(http.post, CHAT, json={"messages": HI, "max_tokens": 2})
         wait_for_stats(http, waiting=1)
@@ -328,3 +376,4 @@ def test_settings_env_and_flags():
     assert Settings.from_env(env, port=8123, api_key="flag").port == 8123  # flags win
     with pytest.raises(FermiError, match="FERMI_ENGINE_POOL"):
         Settings.from_env({"FERMI_ENGINE_POOL": "0"})
+
