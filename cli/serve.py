@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
                    "comma-separated; * = any (default: $FERMI_ALLOWED_HOSTS; guards against DNS rebinding)")
     g.add_argument("--cors-origins", metavar="ORIGINS", help="web origins whose pages may call the server, "
                    "comma-separated; * = any (default: $FERMI_CORS_ORIGINS, else none)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S", help="a connection that has not "
+                   "sent a whole request head in this time is closed (default 10)")
+    g.add_argument("--max-connections", type=int, default=512, metavar="N", help="open connections at most; "
+                   "beyond, new ones get 503 (default 512)")
     g.add_argument("--metrics-public", action="store_true", help="GET /metrics without the API key")
     g.add_argument("--max-tokens", type=int, metavar="N", help="the output cap of a request that sets none, "
                    "0 = up to the context's end (default: $FERMI_MAX_TOKENS or 4096)")
@@ -110,7 +114,8 @@ def serve(args) -> int:
     app = create_app(load, settings, on_ready=on_ready, on_error=on_error, load_model=load_model)
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=args.drain_seconds + 5,
-                            loop="asyncio" if settings.grpc_port is not None else "auto")  # grpc.aio: asyncio's loop
+                            loop="asyncio" if settings.grpc_port is not None else "auto",  # grpc.aio: asyncio's
+                            http=header_timeout(args.header_timeout), limit_concurrency=args.max_connections)
     sock = bind(settings.host, settings.port)
     if settings.grpc_port:  # a port in use is one clear line now, not a failed startup later
         bind(settings.host, settings.grpc_port, "gRPC ").close()
@@ -134,6 +139,35 @@ def bind(host: str, port: int, what: str = "") -> socket.socket:
     except OSError as e:
         raise FermiError(f"cannot listen {what}on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def header_timeout(seconds: float):
+    """uvicorn's h11 protocol, plus: a connection whose request head is not whole
+    `seconds` after it opened (or after its last answer) is closed, so clients that
+    never finish their headers cannot hold connections."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.head_timer = self.loop.call_later(seconds, self.head_overdue)
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self.head_timer.cancel()
+            if not self.transport.is_closing():
+                self.head_timer = self.loop.call_later(seconds, self.head_overdue)
+
+        def connection_lost(self, exc):
+            self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def head_overdue(self):
+            waiting = self.cycle is None or self.cycle.response_complete  # no request being answered
+            if waiting and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
 
 
 def make_server(config, fleet, drain_s: float = 0.0):

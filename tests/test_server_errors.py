@@ -5,6 +5,7 @@ two generations at once, room for one more in the queue)."""
 import json
 import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -20,7 +21,8 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    with Server("--api-key", KEY, "--parallel", "2", "--drain-seconds", "3", env={"FERMI_QUEUE_MAX": "1"}) as s:
+    with Server("--api-key", KEY, "--parallel", "2", "--drain-seconds", "3", "--header-timeout", "2",
+                env={"FERMI_QUEUE_MAX": "1"}) as s:
         yield s
 
 
@@ -313,6 +315,16 @@ def test_cors_is_off_unless_asked_and_allowed_hosts_widen_the_host_check():
         assert "access-control-allow-origin" not in c.options(CHAT, headers={**preflight, "Origin": "https://x.example"}).headers
         assert c.get("/health", headers={"Host": "box.lan"}).status_code == 200
         assert c.get("/health", headers={"Host": "other.lan"}).status_code == 403
+
+
+def test_a_client_that_never_finishes_its_request_head_is_let_go(server, http):
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ...and never the blank line
+        s.settimeout(30)
+        opened = time.monotonic()
+        assert s.recv(100) == b""  # closed by the server
+        assert 1.5 < time.monotonic() - opened < 10  # --header-timeout 2
+    assert http.get("/health").status_code == 200
 
 
 def test_sigterm_drains_then_cuts_what_still_runs_and_says_so(server, http):

@@ -103,7 +103,7 @@ class FermiService(pb_grpc.FermiServicer):
         self.fleet, self.sessions = fleet, sessions
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        started, session, new = time.perf_counter(), None, False
+        started, session, new, held = time.perf_counter(), None, False, False
         try:
             thinking, sampling, max_tokens, stop = values(request)
             if not request.prompt.strip():
@@ -118,7 +118,7 @@ class FermiService(pb_grpc.FermiServicer):
                                         "start a new session for another model")
             else:
                 session, new = self.sessions.create(), True
-            session.busy = True
+            session.busy = held = True
             serving = await self.fleet.get(request.model if new else session.model)
             if new:
                 session.model = serving.require_engine().name
@@ -128,10 +128,10 @@ class FermiService(pb_grpc.FermiServicer):
             messages = ([{"role": "system", "content": system}] if system else []) + session.messages + [user]
             job = await serving.start_job(messages, thinking, sampling, max_tokens, stop)
         except Exception as e:  # noqa: BLE001 - every refusal is a status code
-            if session is not None:
+            if held:  # (a session busy with another request stays busy)
                 session.busy = False
-                if new:
-                    self.sessions.close(session.id)
+            if new:
+                self.sessions.close(session.id)
             await self.refuse(context, "Generate", e, started)
             return
         session.system = system
