@@ -76,19 +76,6 @@ def server():
     s = Server("--api-key", KEY, "--parallel", "2", "--queue-max", "1", "--grpc-port", str(grpc_port),
                "--session-max", "3", "--session-ttl-ms", str(TTL_MS), "--drain-seconds", "1", template=QWEN3_STYLE)
     s.grpc = f"127.0.0.1:{grpc_port}"
-    # While the model loads, gRPC answers UNAVAILABLE (the service is up before the model).
-    s.codes_while_loading = set()
-    channel = grpc.insecure_channel(s.grpc)
-    stub = pb_grpc.FermiStub(channel)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and s.proc.poll() is None:
-        try:
-            list(stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=1), metadata=AUTH, timeout=5))
-            break
-        except grpc.RpcError as e:
-            s.codes_while_loading.add((e.code(), e.details()))
-            time.sleep(0.05)
-    channel.close()
     with s:
         yield s
 
@@ -142,11 +129,21 @@ def code_of(call) -> tuple:
     return e.value.code(), e.value.details()
 
 
-def test_the_service_answers_unavailable_while_the_model_loads(server):
-    codes = {code for code, _ in server.codes_while_loading}
-    assert grpc.StatusCode.UNAVAILABLE in codes, server.codes_while_loading
-    assert any("loading" in details for code, details in server.codes_while_loading
-               if code == grpc.StatusCode.UNAVAILABLE)
+def test_every_refusal_maps_to_its_status_code():
+    from fermi.errors import FermiError
+    from fermi.server.rpc.service import refused
+    from fermi.server.schemas import APIError
+
+    C = grpc.StatusCode
+    cases = [(APIError(503, "the model is still loading", code="model_loading"), C.UNAVAILABLE),
+             (APIError(503, "the server is shutting down", code="shutting_down"), C.UNAVAILABLE),
+             (APIError(503, "busy", code="overloaded"), C.RESOURCE_EXHAUSTED),
+             (APIError(400, "bad"), C.INVALID_ARGUMENT), (APIError(404, "no model"), C.NOT_FOUND),
+             (SessionError("busy", "generating"), C.FAILED_PRECONDITION),
+             (SessionError("not_found", "gone"), C.NOT_FOUND), (SessionError("full", "full"), C.RESOURCE_EXHAUSTED),
+             (FermiError("bad value"), C.INVALID_ARGUMENT), (RuntimeError("bug"), C.INTERNAL)]
+    for error, code in cases:
+        assert refused(error).code == code, error
 
 
 def test_generate_streams_the_http_answer_piece_by_piece(stub, client):
