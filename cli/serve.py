@@ -115,7 +115,7 @@ def serve(args) -> int:
     config = uvicorn.Config(RequestLog(app), host=settings.host, port=settings.port, log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=args.drain_seconds + 5,
                             loop="asyncio" if settings.grpc_port is not None else "auto",  # grpc.aio: asyncio's
-                            http=header_timeout(args.header_timeout), limit_concurrency=args.max_connections)
+                            http=protocol(args.header_timeout, args.max_connections))
     sock = bind(settings.host, settings.port)
     if settings.grpc_port:  # a port in use is one clear line now, not a failed startup later
         bind(settings.host, settings.grpc_port, "gRPC ").close()
@@ -141,22 +141,26 @@ def bind(host: str, port: int, what: str = "") -> socket.socket:
     return sock
 
 
-def header_timeout(seconds: float):
+def protocol(header_s: float, max_connections: int):
     """uvicorn's h11 protocol, plus: a connection whose request head is not whole
-    `seconds` after it opened (or after its last answer) is closed, so clients that
-    never finish their headers cannot hold connections."""
+    `header_s` after it opened (or after its last answer) is closed, so clients that
+    never finish their headers cannot hold connections; a connection beyond
+    `max_connections` open ones is answered 503 (the API's error object,
+    Retry-After) and closed."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class Protocol(H11Protocol):
         def connection_made(self, transport):
-            super().connection_made(transport)
-            self.head_timer = self.loop.call_later(seconds, self.head_overdue)
+            super().connection_made(transport)  # (it joins self.connections)
+            if len(self.connections) > max_connections:
+                self.app = too_many_connections
+            self.head_timer = self.loop.call_later(header_s, self.head_overdue)
 
         def on_response_complete(self):
             super().on_response_complete()
             self.head_timer.cancel()
             if not self.transport.is_closing():
-                self.head_timer = self.loop.call_later(seconds, self.head_overdue)
+                self.head_timer = self.loop.call_later(header_s, self.head_overdue)
 
         def connection_lost(self, exc):
             self.head_timer.cancel()
@@ -168,6 +172,19 @@ def header_timeout(seconds: float):
                 self.transport.close()
 
     return Protocol
+
+
+async def too_many_connections(scope, receive, send) -> None:
+    import msgspec
+
+    from fermi.server.schemas import APIError
+
+    message = "the server has as many connections open as --max-connections allows; try again shortly"
+    body = msgspec.json.encode(APIError(503, message, type="server_error", code="too_many_connections").body())
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def make_server(config, fleet, drain_s: float = 0.0):

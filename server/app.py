@@ -27,8 +27,11 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotAuthorizedException, SerializationException, ValidationException
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType
+from litestar.static_files import create_static_files_router
+from swagger_ui_bundle import swagger_ui_path
 
 from fermi import __version__
 from fermi.engine import Engine
@@ -163,7 +166,7 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     scrape = Router(path="/", route_handlers=[metrics_route], guards=[] if settings.metrics_public else [api_key_guard])
     origins = names(settings.cors_origins)
     app = Litestar(
-        route_handlers=[v1, ollama, scrape, HealthController, root],
+        route_handlers=[v1, ollama, scrape, HealthController, root, SCHEMA_ASSETS],
         before_request=web_guard(names(settings.allowed_hosts)),
         cors_config=CORSConfig(allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                                expose_headers=["x-request-id"]) if origins else None,
@@ -173,7 +176,8 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
         exception_handlers={Exception: error_response},
         request_max_body_size=settings.max_body,
         openapi_config=OpenAPIConfig(title="fermi", version=__version__,
-                                     description="An OpenAI-compatible server for local models."),
+                                     description="An OpenAI-compatible server for local models.",
+                                     render_plugins=[SCHEMA_PAGE, JsonRenderPlugin(), YamlRenderPlugin()]),
         debug=False,
     )
     document_errors(app, bool(settings.api_key))
@@ -181,6 +185,15 @@ def create_app(load: Callable[[], Engine] | Engine | None, settings: Settings | 
     app.state.metrics = metrics
     app.state.settings = settings
     return app
+
+
+# /schema: Swagger UI from the swagger-ui-bundle package, served here (a CDN would leave it blank offline)
+SCHEMA_ASSETS = create_static_files_router(path="/schema/assets", directories=[swagger_ui_path],
+                                           include_in_schema=False)
+SCHEMA_PAGE = SwaggerRenderPlugin(path=["/", "/swagger"], js_url="/schema/assets/swagger-ui-bundle.js",
+                                  css_url="/schema/assets/swagger-ui.css",
+                                  standalone_preset_js_url="/schema/assets/swagger-ui-standalone-preset.js",
+                                  favicon="<link rel='icon' type='image/png' href='/schema/assets/favicon-32x32.png'>")
 
 
 ERRORS = {400: "bad input: the message and the offending field (param)",
@@ -203,7 +216,7 @@ def document_errors(app: Litestar, keyed: bool) -> None:
     (Ollama's {"error": "…"} on /api), with the statuses the server answers."""
     for route in app.routes:
         for handler in getattr(route, "route_handlers", []):
-            if not handler.include_in_schema or route.path == "/health":
+            if not handler.include_in_schema or route.path in ("/health", "/live", "/ready"):
                 continue
             shape = OllamaError if route.path.startswith("/api/") else ErrorResponse
             codes = [403, 503] + ([400, 404, 413, 415] if "POST" in handler.http_methods else [400, 404])

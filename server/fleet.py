@@ -61,6 +61,7 @@ class Fleet:
             self.primary.keep_alive_s = None
         self.lock = asyncio.Lock()
         self.on_done = None  # (model, Done) of every answer, set on each serving (the metrics)
+        self.draining = False  # shutting down (drain)
 
     # --- lifetime
 
@@ -77,6 +78,7 @@ class Fleet:
     def drain(self) -> None:
         """Shutting down: refuse new requests (503), end the queued ones now (503),
         let the running ones go on."""
+        self.draining = True
         for s in list(self.loaded.values()):
             s.draining = True
             if s.scheduler is not None:

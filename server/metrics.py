@@ -15,15 +15,16 @@ from fermi.serving import Done
 
 # The routes a request is counted under (others: "other", so a scanner cannot grow the series).
 ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/models", "/api/chat", "/api/generate",
-          "/api/tags", "/api/show", "/api/ps", "/api/pull", "/api/delete", "/api/version", "/health", "/metrics")
+          "/api/tags", "/api/show", "/api/ps", "/api/pull", "/api/delete", "/api/version", "/health", "/live", "/ready",
+          "/metrics")
 MEDIA_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]  # (the charset is Litestar's to add)
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 DURATION = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+disable_created_metrics()  # (process-wide) no *_created series beside every counter
 
 
 class Metrics:
     def __init__(self, fleet):
-        disable_created_metrics()  # no *_created series beside every counter
         self.fleet = fleet
         self.registry = r = CollectorRegistry()
         self.requests = Counter("fermi_requests", "HTTP requests answered, by route and status",

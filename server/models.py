@@ -1,6 +1,6 @@
 """GET /v1/models (the loaded models first, then the others of the registry:
 embedded, and those in the local Hugging Face cache), GET /v1/models/{id}, and
-GET /health (503 while the server's model loads)."""
+GET /health (503 while the server's model loads), /live and /ready."""
 
 from __future__ import annotations
 
@@ -48,21 +48,45 @@ class ModelsController(Controller):
                        code="model_not_found")
 
 
+def health_of(fleet: Fleet) -> Health:
+    """What the server is doing: loading | ok | draining | error, with the counts."""
+    s = fleet.primary or fleet.find_loaded(None)
+    if s is None:  # no model resident: the server is up, the next request loads one
+        return Health(status="draining" if fleet.draining else "ok")
+    stats = s.stats()
+    if s.error is not None:
+        return Health(status="error", error=str(s.error), **stats)
+    if s.engine is None or not s.ready.is_set():
+        return Health(status="loading", **stats)
+    return Health(status="draining" if s.draining or s.stopping else "ok", model=s.engine.name,
+                  loaded=[x.engine.name for x in fleet.servings() if x.engine is not None], **stats)
+
+
 class HealthController(Controller):
-    path = "/health"
+    """/health (llama.cpp's: 200 once the model answers), /live (liveness: 503 only
+    when the model failed to load, which a restart may cure), /ready (readiness:
+    200 only while new requests are admitted, so not while loading or draining)."""
+    path = "/"
     tags = ["health"]
 
-    @get(summary="Health", description="503 while the server's model loads (or if it failed to), then 200.",
+    @get("/health", summary="Health", description="503 while the server's model loads (or if it failed to), "
+                                                  "then 200.",
          responses={503: ResponseSpec(Health, description="the model is loading, or failed to load")})
     async def health(self, fleet: Fleet) -> Response[Health]:
-        s = fleet.primary or fleet.find_loaded(None)
-        if s is None:  # no model resident: the server is up, the next request loads one
-            return Response(Health(status="ok"), status_code=200)
-        stats = s.stats()
-        if s.error is not None:
-            return Response(Health(status="error", error=str(s.error), **stats), status_code=503)
-        if s.engine is None or not s.ready.is_set():
-            return Response(Health(status="loading", **stats), status_code=503)
-        return Response(Health(status="ok", model=s.engine.name, loaded=[x.engine.name for x in fleet.servings()
-                                                                         if x.engine is not None], **stats),
-                        status_code=200)
+        h = health_of(fleet)
+        return Response(h, status_code=503 if h.status in ("loading", "error") else 200)
+
+    @get("/live", summary="Liveness", description="200 while the server runs, loading included; 503 if the model "
+                                                  "failed to load.",
+         responses={503: ResponseSpec(Health, description="the model failed to load")})
+    async def live(self, fleet: Fleet) -> Response[Health]:
+        h = health_of(fleet)
+        return Response(h, status_code=503 if h.status == "error" else 200)
+
+    @get("/ready", summary="Readiness", description="200 while new requests are admitted; 503 while the model "
+                                                    "loads, if it failed to, and while the server drains "
+                                                    "(shutting down).",
+         responses={503: ResponseSpec(Health, description="loading, failed, or draining")})
+    async def ready(self, fleet: Fleet) -> Response[Health]:
+        h = health_of(fleet)
+        return Response(h, status_code=200 if h.status == "ok" else 503)

@@ -436,7 +436,7 @@ class ModelList(Struct, kw_only=True):
 
 
 class Health(Struct, kw_only=True):
-    status: str  # loading | ok | error
+    status: str  # loading | ok | draining | error
     model: str | None = None
     error: str | None = None
     active: int = 0  # requests generating now

@@ -263,10 +263,10 @@ def test_full_queue_is_refused_at_once():
     s = core(slots=1, queue_max=1)
     s.submit(req([1], 5)[0])  # takes the free slot at the next step
     s.submit(req([2], 5)[0])  # waits
-    with pytest.raises(QueueFull):
+    with pytest.raises(QueueFull, match=r"\(1 waiting\)"):  # (not the one about to start)
         s.submit(req([3], 5)[0])
     s.step()
-    with pytest.raises(QueueFull):  # one running, one waiting: still full
+    with pytest.raises(QueueFull, match=r"\(1 waiting\)"):  # one running, one waiting: still full
         s.submit(req([3], 5)[0])
 
 

@@ -22,7 +22,7 @@ HI = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def server():
     with Server("--api-key", KEY, "--parallel", "2", "--drain-seconds", "3", "--header-timeout", "2",
-                env={"FERMI_QUEUE_MAX": "1"}) as s:
+                "--max-connections", "8", env={"FERMI_QUEUE_MAX": "1"}) as s:
         yield s
 
 
@@ -273,6 +273,19 @@ def test_concurrent_clients_get_what_they_would_alone(http):
 # --- web pages: Host, body types, CORS
 
 
+def test_the_schema_page_needs_nothing_from_elsewhere(server):
+    page = httpx.get(server.url("/schema"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    links = re.findall(r"""(?:src|href)=['"]([^'"]+)""", page.text)
+    assert any(link.endswith(".js") for link in links) and any(link.endswith(".css") for link in links)
+    for link in links:  # the renderer's script, styles and icon come from this server (offline: not blank)
+        assert link.startswith("/schema/"), link
+        r = httpx.get(server.url(link))
+        assert r.status_code == 200 and len(r.content) > 100, link
+    assert "SwaggerUIBundle" in httpx.get(server.url("/schema/assets/swagger-ui-bundle.js")).text
+    assert httpx.get(server.url("/schema/openapi.json")).json()["paths"]["/ready"]
+
+
 def test_a_host_that_is_not_an_address_or_localhost_is_refused(server, http):
     port = server.port
     for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "app.localhost"):
@@ -325,6 +338,60 @@ def test_a_client_that_never_finishes_its_request_head_is_let_go(server, http):
         assert s.recv(100) == b""  # closed by the server
         assert 1.5 < time.monotonic() - opened < 10  # --header-timeout 2
     assert http.get("/health").status_code == 200
+
+
+def read_all(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    return out
+
+
+def test_connections_beyond_max_connections_get_503_and_the_server_goes_on(server, http):
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    with ExitStack() as stack:  # 9 open connections (and the client's own): beyond --max-connections 8
+        socks = [stack.enter_context(socket.create_connection(("127.0.0.1", server.port))) for _ in range(9)]
+        socks[-1].sendall(request)
+        head, _, body = read_all(socks[-1]).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert b"retry-after: 1" in head.lower() and b"content-type: application/json" in head.lower()
+        err = json.loads(body)["error"]
+        assert err["code"] == "too_many_connections" and "--max-connections" in err["message"]
+        socks[0].sendall(request)  # those within the bound are answered
+        assert read_all(socks[0]).startswith(b"HTTP/1.1 200 ")
+    assert http.get("/health").status_code == 200  # closed, they free their places
+
+
+def test_liveness_and_readiness_while_loading_and_after_a_failed_load():
+    import threading
+
+    from litestar.testing import TestClient
+
+    from fermi.server.app import Settings, create_app
+
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        raise OSError("no such weights")
+
+    with TestClient(create_app(load, Settings()), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/live").status_code == 200 and c.get("/live").json()["status"] == "loading"
+        for path in ("/ready", "/health"):
+            assert c.get(path).status_code == 503 and c.get(path).json()["status"] == "loading"
+        release.set()
+        deadline = time.monotonic() + 10
+        while c.get("/live").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for path in ("/live", "/ready", "/health"):
+            r = c.get(path)
+            assert r.status_code == 503 and r.json()["status"] == "error" and "no such weights" in r.json()["error"]
+    with TestClient(create_app(None, Settings()), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/ready").status_code == 200 and c.get("/ready").json()["status"] == "ok"
+        c.app.state.fleet.drain()  # (SIGTERM's): not ready, so a load balancer stops sending; yet alive
+        assert c.get("/ready").status_code == 503 and c.get("/ready").json()["status"] == "draining"
+        assert c.get("/live").status_code == 200
 
 
 def test_sigterm_drains_then_cuts_what_still_runs_and_says_so(server, http):

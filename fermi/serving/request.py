@@ -16,7 +16,7 @@ class QueueFull(FermiError):
 
     def __init__(self, waiting: int):
         self.waiting = waiting
-        super().__init__(f"the server is busy: {waiting} requests are already waiting; retry later")
+        super().__init__(f"the server is busy: every slot is taken and the queue is full ({waiting} waiting); retry later")
 
 
 class ShuttingDown(FermiError):

@@ -94,7 +94,7 @@ class Scheduler:
             # The slots the first waiting ones will take: free ones, and those settling (a step's work).
             free = sum(not s.busy for s in self.slots.slots) + sum(r.settle for r in self.running)
             if waiting + len(requests) > self.queue_max + free:
-                raise QueueFull(waiting)
+                raise QueueFull(max(waiting - free, 0))  # (those the free slots take at the next step start)
             self.waiting.extend(requests)
             self.lock.notify_all()
         return requests

@@ -29,7 +29,7 @@ from fermi.serving import Done
 
 from .. import wire
 from ..fleet import Fleet
-from ..models import all_models
+from ..models import all_models, health_of
 from ..schemas import APIError
 from . import fermi_pb2 as pb
 from . import fermi_pb2_grpc as pb_grpc
@@ -311,9 +311,9 @@ class RpcServer:
         return self.port
 
     async def watch_once(self) -> None:
-        """The health status follows the server's model; idle sessions past the TTL go."""
-        s = self.fleet.primary or self.fleet.find_loaded(None)
-        up = s is None or (s.ready.is_set() and s.error is None and not s.stopping)
+        """The health status follows /ready (the model loaded, not draining); idle
+        sessions past the TTL go."""
+        up = health_of(self.fleet).status == "ok"
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             await self.health.set(name, status)
