@@ -186,7 +186,7 @@ class Fermi(Adapter):
         return {
             "weight_bytes": r.weight_bytes,
             "embed_bytes": sum(b for k, b in named if "embed_tokens" in k),
-            "separate_head": getattr(getattr(r, "model", None), "packed_head", None) is not None,
+            "separate_head": hasattr(r, "model") and hasattr(r.model.logits_layer(), "packed"),  # fbgemm's copy
             "kv_bytes_per_pos": _kv_per_pos(self.config, DTYPE_BYTES[getattr(r, "compute", r.dtype)]),
             "kv_bytes": self.kv_bytes,
         }

@@ -4,7 +4,9 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from .errors import FermiError
 
-ARCHITECTURES = ("qwen3", "qwen2", "llama")
+# The one architecture registry: a config's model_type -> the module of each backend
+# (fermi.backends.torch.<module>, fermi.backends.mlx.<module>) whose `Model` runs it.
+ARCHITECTURES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
 
 
 @dataclass
@@ -47,7 +49,19 @@ class ModelConfig:
         if missing := [k for k in required if k not in d]:
             raise FermiError(f"model config lacks {', '.join(missing)}")
         known = {k: v for k, v in d.items() if k in names}
+        if d.get("use_sliding_window") and not d.get("layer_types"):
+            raise FermiError("a sliding window over some layers by max_window_layers is not supported")
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    def windows(self) -> list[int | None]:
+        """Each layer's sliding attention window (None: it sees every earlier position),
+        which says what its cache must keep: transformers 5's `layer_types`, else
+        Phi-3's one `sliding_window` for every layer."""
+        window, n = self.extra.get("sliding_window"), self.num_hidden_layers
+        types = self.extra.get("layer_types")
+        if types:
+            return [window if t == "sliding_attention" else None for t in types]
+        return [window if self.model_type == "phi3" else None] * n
 
     @property
     def eos_ids(self) -> list[int]:

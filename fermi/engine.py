@@ -39,11 +39,14 @@ class Engine:
         self.model = model
         self.runtime = runtime
         self.tokenizer = model.tokenizer
-        self.template = ChatTemplate(model.chat_template, model.tokenizer.bos_token, model.tokenizer.eos_token)
+        self.template = ChatTemplate(model.chat_template, model.tokenizer.bos_token, model.tokenizer.eos_token,
+                                     family=model.config.model_type)
         self.context_length = model.config.max_position_embeddings
         gen_eos = model.generation_config.get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else gen_eos or []
-        self.eos_ids = set(model.tokenizer.eos_ids) | set(model.config.eos_ids) | set(gen_eos)
+        # A template from fermi's table (the file has none) ends turns with a token the file may not call EOS.
+        turn_end = {model.tokenizer.token_id(self.template.end_of_turn or "")} - {None}
+        self.eos_ids = set(model.tokenizer.eos_ids) | set(model.config.eos_ids) | set(gen_eos) | turn_end
         self.call_format, self.native_tools = call_format(self.template.source)
         self.grammars = Grammars(model.tokenizer, model.config.vocab_size, self.eos_ids)
 

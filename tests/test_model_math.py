@@ -202,6 +202,8 @@ def test_torch_split_linear_decode_matches_reference(model, parts):
     read in that layout at load (torch's thread count = parts), and re-split after."""
     import torch
 
+    from fermi.backends.torch import storage
+
     threads = torch.get_num_threads()
     torch.set_num_threads(parts)
     try:
@@ -209,12 +211,13 @@ def test_torch_split_linear_decode_matches_reference(model, parts):
     finally:
         torch.set_num_threads(threads)
     resplit = tiny.backend_module("torch").load(model.files, dtype="float32")
-    resplit.model.split(parts)
+    storage.hold(resplit.model, "blocks", parts)
     ids = tokens(30, seed=4)
     ref = model.reference(ids)
     # A GPU splits nothing at load (only the CPU's float32 decode does): there, the re-split alone.
     for rt in (split_at_load, resplit) if split_at_load.torch_device.type == "cpu" else (resplit,):
-        assert rt.model.parts == parts and rt.model.model.layers[0].mlp.gate_up_proj.weight_t is not None
+        gate_up = rt.model.model.layers[0].mlp.gate_up_proj
+        assert isinstance(gate_up, storage.Blocks) and gate_up.parts == parts and gate_up.weight_t is not None
         cache = rt.new_cache(batch=2)
         rt.prefill(ids[:20], cache, 0)
         rt.prefill(ids[:20], cache, 1)
@@ -277,10 +280,11 @@ def test_torch_checkpoint_missing_a_projection_is_one_clear_error(model, tmp_pat
     shutil.copytree(model.path, tmp_path / "m")
     (path,) = (tmp_path / "m").glob("*.safetensors")
     state = load_file(path)
-    del state["model.layers.1.self_attn.k_proj.weight"]
+    fused = "model.layers.1.self_attn.k_proj.weight" not in state  # (phi3's checkpoint: fused already)
+    del state["model.layers.1.self_attn.qkv_proj.weight" if fused else "model.layers.1.self_attn.k_proj.weight"]
     save_file(state, path)
-    with pytest.raises(FermiError, match=r"weights do not match.*missing.*layers\.1\.self_attn\.qkv_proj"
-                                         r".*unexpected.*layers\.1\.self_attn\.q_proj"):
+    with pytest.raises(FermiError, match=r"weights do not match.*missing.*layers\.1\.self_attn\.qkv_proj" +
+                       ("" if fused else r".*unexpected.*layers\.1\.self_attn\.q_proj")):
         tiny.backend_module("torch").load(tiny.model_files(tmp_path / "m"), dtype="float32")
 
 
@@ -290,13 +294,15 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
     float32; bfloat16 computes in bfloat16. Errors relative to the logit scale."""
     import torch
 
+    from fermi.backends.torch import storage
+
     rt = tiny.backend_module("torch").load(model.files, dtype=dtype)
     full = tiny.backend_module("torch").load(model.files, dtype="float32")
     assert rt.dtype == dtype
     if dtype == "float16" and rt.torch_device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
         # fbgemm pads inputs to 512 (test_torch_half_bytes_is_what_fbgemm_holds): the
         # tiny model's 64-wide matrices take more than in float32
-        assert rt.compute == "float32" and rt.model.packed_head is not None
+        assert rt.compute == "float32" and isinstance(rt.model.logits_layer(), storage.Half)
     else:
         assert rt.weight_bytes < 0.7 * full.weight_bytes
     ids = tokens(40, seed=5)
@@ -360,14 +366,15 @@ def test_torch_half_head_packed_in_row_blocks_is_the_same(model, monkeypatch):
     whole table first converts all of it to float32): the same logits as in one block."""
     import torch
 
-    from fermi.backends.torch import llama
+    from fermi.backends.torch import storage
 
     if torch.cuda.is_available() or "fbgemm" not in torch.backends.quantized.supported_engines:
         pytest.skip("float16 is packed by fbgemm on an x86 CPU only")
     whole = tiny.backend_module("torch").load(model.files, dtype="float16")
-    monkeypatch.setattr(llama, "HEAD_ROWS", 7)
+    monkeypatch.setattr(storage, "HEAD_ROWS", 7)
     blocks = tiny.backend_module("torch").load(model.files, dtype="float16")
-    assert len(whole.model.packed_head) == 1 and len(blocks.model.packed_head) == -(-tiny.VOCAB // 7)
+    assert len(whole.model.logits_layer().packed) == 1
+    assert len(blocks.model.logits_layer().packed) == -(-tiny.VOCAB // 7)
     ids = tokens(20, seed=7)
     got, want = (rt.to_numpy(rt.prefill(ids, rt.new_cache(), all_logits=True)) for rt in (blocks, whole))
     assert np.array_equal(got, want)
@@ -397,3 +404,28 @@ def test_torch_half_bytes_is_what_fbgemm_holds():
         grown = (resident() - before) / len(packed)
         assert abs(grown - half_bytes(w)) < 0.05 * half_bytes(w), (n, k, grown, half_bytes(w))
         del packed
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_phi3_longrope_past_the_original_context(backend, tmp_path):
+    """From original_max_position_embeddings on, longrope rotates with its long factors:
+    a prompt within the original context, then decode steps past it, equal
+    transformers' own cached generation step for step (its rule: a forward that
+    reaches past the original context uses the long factors)."""
+    import torch
+
+    m = tiny.build("phi3", tmp_path, original_max_position_embeddings=24)
+    ids = tokens(40, seed=9)
+    with torch.no_grad():
+        out = m.hf(torch.tensor([ids[:20]]), use_cache=True)
+        want = [out.logits[0, -1].numpy()]
+        for i in range(20, 39):
+            out = m.hf(torch.tensor([[ids[i]]]), past_key_values=out.past_key_values, use_cache=True)
+            want.append(out.logits[0, -1].numpy())
+    rt = tiny.backend_module(backend).load(m.files, dtype="float32")
+    cache = rt.new_cache()
+    got = [rt.prefill(ids[:20], cache)] + [rt.decode([ids[i]], cache, [0])[0] for i in range(20, 39)]
+    for g, w in zip(got, want):
+        close(rt, g, w)
+    short = tiny.build("phi3", tmp_path / "short", original_max_position_embeddings=400)  # the long ones matter
+    assert np.abs(short.reference(ids)[-1] - want[-1]).max() > 100 * TOL

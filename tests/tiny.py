@@ -42,6 +42,13 @@ SPECS = {
         tie_word_embeddings=False,
         rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # fused qkv/gate_up in the checkpoint, longrope (its long factors from position 300:
+    # test_phi3_longrope_past_the_original_context), a sliding window shorter than the tests
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=False, sliding_window=12, original_max_position_embeddings=300, pad_token_id=0,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                         "long_factor": [1.0 + 3.0 * i for i in range(8)]})),
 }
 
 
@@ -59,11 +66,12 @@ class Tiny:
 
 
 def build(arch: str, root: Path, seed: int = 0, **dims) -> Tiny:
-    """`dims` override COMMON's sizes (the directory is then named after them)."""
+    """`dims` override COMMON's sizes and the spec's settings (the directory is then
+    named after them)."""
     import transformers
 
     config_name, model_name, overrides = SPECS[arch]
-    config = getattr(transformers, config_name)(**{**COMMON, **dims}, **overrides)
+    config = getattr(transformers, config_name)(**{**COMMON, **overrides, **dims})
     config._attn_implementation = "eager"  # the plainest reference math
     torch.manual_seed(seed)
     hf = getattr(transformers, model_name)(config).float().eval()

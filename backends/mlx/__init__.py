@@ -76,7 +76,10 @@ def make_sampler(params, prompt_ids: Sequence[int]):
 
 def load(model, dtype: str | None = None, quantize: int | None = None):
     """ModelFiles -> MLXRuntime, the weights evaluated on the device."""
-    from . import llama, qwen2, qwen3
+    import importlib
+
+    from fermi.config import ARCHITECTURES
+
     from .runtime import MLXRuntime
 
     dtype = dtype or default_dtype()
@@ -89,7 +92,7 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         # being as fast (SmolLM2 4-bit: the same decode speed, 32 MiB less at its peak).
         mx.set_cache_limit(0)
     cfg = model.config
-    arch = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}[cfg.model_type]
+    arch = importlib.import_module(f"{__name__}.{ARCHITECTURES[cfg.model_type]}").Model
 
     tensors = {}
     if model.gguf is not None and quantize != 0:
@@ -98,6 +101,8 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         for f in model.weight_files():
             tensors.update(mx.load(str(f)))
     tensors = {k: v for k, v in tensors.items() if "rotary_emb.inv_freq" not in k}
+    if hasattr(arch, "sanitize"):  # the checkpoint's layout -> the architecture's
+        tensors = arch.sanitize(tensors, cfg)
 
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in tensors
     if tied:

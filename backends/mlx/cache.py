@@ -45,6 +45,15 @@ class Span:
             q = mx.array(self.starts)[:, None, None, None] + mx.arange(length)[:, None]
             self.mask = mx.arange(self.end) <= q
 
+    def mask_for(self, window: int | None):
+        """The mask of a layer with a sliding `window` (None: the span's own): a query
+        sees only the `window` newest keys, its own included."""
+        if window is None or self.end <= window:
+            return self.mask
+        q = mx.array(self.starts)[:, None, None, None] + mx.arange(self.length)[:, None]  # [n, 1, length, 1]
+        back = q - mx.arange(self.end)
+        return (back >= 0) & (back < window)
+
     def update(self, layer: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write k, v ([n, n_kv_heads, length, head_dim]); return the keys and values
         of positions [0, end) for the span's rows."""

@@ -8,59 +8,38 @@ where the `Span` says (see cache.py) and the runtime advances the lengths.
 
 from __future__ import annotations
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 
+from fermi import rope
 from fermi.config import ModelConfig
-from fermi.errors import FermiError
 
 from .cache import Span
 
 
-def rope_settings(cfg: ModelConfig) -> tuple[float, dict | None]:
-    """(theta, scaling). transformers 5 writes both into `rope_parameters`."""
-    params = cfg.extra.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", cfg.rope_theta))
-    scaling = cfg.rope_scaling or params
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    return theta, None if kind == "default" else scaling
-
-
 class RoPE(nn.Module):
-    """HF layout (rotate halves, traditional=False); Llama 3 scaling as custom frequencies."""
+    """HF layout (rotate halves, traditional=False), the frequencies from fermi.rope
+    (every scaling kind). Longrope's long factors apply from their position on; yarn's
+    and longrope's attention factor scales the result (as it scales HF's cos and sin)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, params: dict | None = None):
         super().__init__()
         self.dims = cfg.head_dim
-        theta, scaling = rope_settings(cfg)
-        self.base, self.scale, self._freqs = theta, 1.0, None  # "_": not a parameter
-        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
-        if kind == "linear":
-            self.scale = 1.0 / scaling["factor"]
-        elif kind == "llama3":
-            self._freqs = llama3_freqs(self.dims, theta, scaling)
-            self.base = None
-        elif kind is not None:
-            raise FermiError(f"rope scaling '{kind}' is not supported by the MLX backend")
+        f = rope.frequencies(params or rope.parameters(cfg), cfg.head_dim, cfg.max_position_embeddings)
+        self._freqs = mx.array(f.periods)  # "_": not a parameter
+        self._long = None if f.long_inv_freq is None else mx.array(rope.Frequencies(f.long_inv_freq).periods)
+        self.long_from, self.factor = f.long_from, f.attention_factor
 
     def __call__(self, x: mx.array, offset: int | mx.array) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=self.scale,
-                            offset=offset, freqs=self._freqs)
-
-
-def llama3_freqs(dims: int, theta: float, s: dict) -> mx.array:
-    """Llama 3.1's wavelength-dependent stretch of the RoPE periods (as in HF)."""
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s.get("original_max_position_embeddings", 8192)
-    periods = theta ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)  # 1 / inv_freq
-    wavelens = 2 * math.pi * periods
-    smooth = (old_len / wavelens - low) / (high - low)
-    medium = periods / ((1 - smooth) / factor + smooth)
-    stretched = mx.where(wavelens > old_len / low, periods * factor, periods)
-    is_medium = (wavelens >= old_len / high) & (wavelens <= old_len / low)
-    return mx.where(is_medium, medium, stretched)
+        y = mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        early = isinstance(offset, int) and offset + x.shape[2] <= (self.long_from or 0)
+        if self._long is not None and not early:
+            starts = mx.array(offset).reshape(-1, 1, 1, 1)  # [n or 1, 1, 1, 1]
+            late = (starts + mx.arange(x.shape[2])[:, None]) >= self.long_from  # [.., length, 1]
+            long = mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset,
+                                freqs=self._long)
+            y = mx.where(late, long, y)
+        return y if self.factor == 1.0 else y * self.factor
 
 
 class Attention(nn.Module):
@@ -89,13 +68,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         return q, k, v
 
-    def __call__(self, x: mx.array, span: Span, layer: int) -> mx.array:
+    def __call__(self, x: mx.array, span: Span, layer: int, mask) -> mx.array:
         B, L, _ = x.shape
         q, k, v = self.project(x)
         q, k = self.rope(q, span.offset), self.rope(k, span.offset)
         k, v = span.update(layer, k, v)
         # GQA is native: k/v keep n_kv_heads.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=span.mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -119,8 +98,8 @@ class Block(nn.Module):
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, x: mx.array, span: Span, layer: int) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), span, layer)
+    def __call__(self, x: mx.array, span: Span, layer: int, mask) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), span, layer, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -130,11 +109,13 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [Block(cfg, attention) for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self._windows = cfg.windows()  # each layer's sliding window, or None
 
     def __call__(self, ids: mx.array, span: Span) -> mx.array:
         h = self.embed_tokens(ids)
+        masks = {w: span.mask_for(w) for w in set(self._windows)}
         for i, layer in enumerate(self.layers):
-            h = layer(h, span, i)
+            h = layer(h, span, i, masks[self._windows[i]])
         return self.norm(h)
 
 

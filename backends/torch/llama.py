@@ -3,27 +3,25 @@
 Read top to bottom: rotary embedding → RMSNorm → Attention → MLP → Block → Model.
 Module names match the checkpoint's weight names (model.layers.N.self_attn.o_proj
 …) but for the projections that read the same input, fused into one matmul
-(q/k/v -> qkv_proj, gate/up -> gate_up_proj): Model.sanitized is the one place
-that maps a Hugging Face state dict onto this model.
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj, as FUSED says). How the weights are
+held (float, blocks, int8, fbgemm float16) is storage.py's: it swaps the
+nn.Linear and Embedding layers here for its own.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermi import rope
 from fermi.config import ModelConfig
-from fermi.errors import FermiError
 
 from .cache import KVCache, Span
-from .weights import (SPLIT_ROWS, give_back_freed_memory, half_bytes, half_linear, int8_linear,
-                      linear, linear_t, pack_half, stacked, transposed, weight_blocks)
+from .storage import Embedding
+from .weights import SPLIT_ROWS
 
-HEAD_ROWS = 32768  # rows of the output projection packed at a time (Model.pack_half)
-# Projections of the same input run as one matmul: Model.sanitized concatenates the
+# Projections of the same input run as one matmul: storage.checkpoint_state joins the
 # checkpoint's weights (and biases) in this order.
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -33,56 +31,25 @@ FUSED = {
 # ---------------------------------------------------------------- rotary embedding
 
 
-def rope_parameters(config: ModelConfig) -> tuple[float, dict]:
-    """(theta, scaling) from either spelling of the config: transformers 5 writes one
-    `rope_parameters` dict (rope_type, rope_theta, …); older configs have
-    `rope_theta` and `rope_scaling` (whose type may be spelled `type`)."""
-    params = config.extra.get("rope_parameters")
-    if params:
-        return float(params.get("rope_theta", config.rope_theta)), dict(params)
-    return float(config.rope_theta), dict(config.rope_scaling or {})
-
-
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2], computed as transformers does (float32)."""
-    theta, scaling = rope_parameters(config)
-    dim = config.head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        # Long wavelengths are slowed by `factor`, short ones kept, the band
-        # between low_freq_factor and high_freq_factor interpolated smoothly.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    raise FermiError(f"rope scaling '{kind}' is not supported by the torch backend")
-
-
 class Rotary:
     """cos/sin tables for positions [0, size), grown by doubling on demand so a short
     session does not build a table for the whole context. `sin` carries the sign of
     rotate_half, so applying RoPE is x*cos + swap_halves(x)*sin."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device):
-        self.inv_freq = rope_frequencies(config).to(device)
+    def __init__(self, freqs: rope.Frequencies, dtype: torch.dtype, device):
+        self.freqs, self.device = freqs, device
+        self.inv_freq = torch.from_numpy(freqs.inv_freq).to(device)
         self.dtype, self.size = dtype, 0
         self.cos = self.sin = None
 
     def _grow(self, n: int) -> None:
         self.size = max(1024, 1 << (n - 1).bit_length())
-        t = torch.arange(self.size, device=self.inv_freq.device).float()
+        t = torch.arange(self.size, device=self.device).float()
         freqs = torch.outer(t, self.inv_freq)  # [size, head_dim/2], float32 like HF
-        cos, sin = freqs.cos(), freqs.sin()
+        f = self.freqs
+        if f.long_inv_freq is not None and self.size > f.long_from:  # longrope: past the original context
+            freqs[f.long_from:] = torch.outer(t[f.long_from:], torch.from_numpy(f.long_inv_freq).to(self.device))
+        cos, sin = freqs.cos() * f.attention_factor, freqs.sin() * f.attention_factor
         self.cos = torch.cat([cos, cos], -1).to(self.dtype)  # [size, head_dim]
         self.sin = torch.cat([-sin, sin], -1).to(self.dtype)
 
@@ -105,9 +72,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, torch.cat([x[..., half:], x[..., :half]], -1), sin)
 
 
-def attention_mask(span: Span, device) -> tuple[torch.Tensor | None, bool]:
+def attention_mask(span: Span, device, window: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """(mask, is_causal) for scaled_dot_product_attention: each query sees the keys
-    at positions <= its own. A bool mask is True where attention is allowed."""
+    at positions <= its own; with a sliding `window`, only the `window` newest of
+    them (its own included). A bool mask is True where attention is allowed."""
+    if window is not None and span.end > window:
+        pos = span.rows_positions() if span.positions is not None else \
+            torch.arange(span.start, span.end, device=device)[None]  # [n or 1, length]
+        back = pos[:, :, None] - torch.arange(span.end, device=device)  # how far back each key is
+        return ((back >= 0) & (back < window)).view(pos.shape[0], 1, pos.shape[1], span.end), False
     if span.positions is not None:  # rows at different positions: each query its own
         pos = span.rows_positions()  # [n, length]
         keys = torch.arange(span.end, device=device)
@@ -121,49 +94,6 @@ def attention_mask(span: Span, device) -> tuple[torch.Tensor | None, bool]:
 
 
 # ---------------------------------------------------------------- layers
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose few-row products (decode) use every core: on a CPU torch runs
-    a matrix-vector product on one thread, bound by one core's memory bandwidth
-    (~12 GB/s of ~33 here). With the weight cut into `parts` blocks, one batched matmul
-    runs them in parallel: blocks of rows (`linear`), or for a weight wider than it is
-    deep, blocks of columns of the weight held as [in, out] (`weight_t`, `linear_t`),
-    which streams faster at those shapes (gate/up: 28 GB/s against 22 here)."""
-
-    parts = 1  # set by Model.split: torch's thread count on a CPU
-    blocks = None  # the weight as `parts` blocks, views made once (make_blocks): see weight_blocks
-    packed = None  # float16 weights packed for fbgemm (see pack_half)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_parameter("weight_t", None)  # the weight as [in, out], when split
-        self.register_parameter("weight_scale", None)  # int8 weights: a scale per row (hold_int8)
-
-    def hold_int8(self) -> None:
-        """Before loading: the weight is read as int8 rows with a scale each (Model.sanitized)."""
-        self.weight_scale = nn.Parameter(torch.empty(self.out_features, dtype=torch.bfloat16), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_scale is not None:
-            return int8_linear(x, self.weight, self.weight_scale, self.bias)
-        if self.packed is not None:
-            return half_linear(x, self.packed)
-        if self.weight_t is not None:
-            return linear_t(x, self.weight_t, self.bias, self.blocks)
-        return linear(x, self.weight, self.bias, self.blocks)
-
-    def split(self, parts: int) -> None:
-        if parts > 1 and self.out_features > self.in_features and self.weight is not None:
-            self.weight_t = nn.Parameter(transposed(self.weight), requires_grad=False)
-            self.register_parameter("weight", None)
-        self.parts = parts
-
-    def make_blocks(self) -> None:
-        """The blocks, as views of the weights held now (again once they are loaded)."""
-        held_t = self.weight_t is not None
-        weight = self.weight_t if held_t else self.weight
-        self.blocks = None if weight is None else weight_blocks(weight, self.parts, held_t)
 
 
 class RMSNorm(nn.Module):
@@ -189,7 +119,7 @@ class RMSNorm(nn.Module):
             rows = x.float().reshape(-1, 1, d)
             mean_sq = torch.baddbmm(self.eps_t, rows, rows.mT, alpha=1 / d)  # eps + mean(x^2), [rows, 1, 1]
             y = (rows * mean_sq.rsqrt_()).view(x.shape).to(x.dtype)
-        return y if self.weight is None else y * self.weight  # None: folded (Model.fold_norms)
+        return y if self.weight is None else y * self.weight  # None: folded (storage.fold_norms)
 
 
 class Attention(nn.Module):
@@ -200,8 +130,8 @@ class Attention(nn.Module):
         qkv_bias = config.attention_bias if qkv_bias is None else qkv_bias
         o_bias = config.attention_bias if o_bias is None else o_bias
         hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.qkv_proj = Linear(hidden, q_dim + 2 * kv_dim, bias=qkv_bias)  # q_proj, k_proj, v_proj (FUSED)
-        self.o_proj = Linear(q_dim, hidden, bias=o_bias)
+        self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=qkv_bias)  # q_proj, k_proj, v_proj (FUSED)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         return qk  # qwen3 normalizes each head here
@@ -222,8 +152,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_up_proj = Linear(hidden, 2 * inter, bias=bias)  # gate_proj, up_proj (FUSED)
-        self.down_proj = Linear(inter, hidden, bias=bias)
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)  # gate_proj, up_proj (FUSED)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -248,174 +178,51 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig, attention: type[Attention]):
         super().__init__()
-        # An explicit empty weight skips the random init: the checkpoint fills it, and
-        # normal_ on the meta device costs over a second of one-time setup at startup.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class Model(nn.Module):
+    FUSED = FUSED
+
     def __init__(self, config: ModelConfig, attention: type[Attention] = Attention):
         super().__init__()
         self.config = config
         self.model = Decoder(config, attention)
         # Tied embeddings: the output projection reuses embed_tokens, no lm_head weight.
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size, bias=False
-        )
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                         bias=False)
         self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
-        self.packed_head = None  # the output projection in blocks of rows, when pack_half() ran
-        self.packed_bytes = 0  # bytes of the weights pack_half() handed to fbgemm
-        self.parts = 1  # for the output projection, as Linear.parts (see split)
-        self.head_t = None  # a tied table as [hidden, vocab], when split
-        self.head_blocks = None  # head_t as `parts` blocks (split_views)
-        self.embed_scale = None  # int8 embedding table: a scale per row (hold_int8)
-
-    def sanitized(self, tensors, dtype: torch.dtype | None = None) -> dict:
-        """Checkpoint tensors, (name, tensor) one at a time -> this model's state dict: a
-        tied lm_head dropped, the parts of each FUSED projection concatenated once all
-        are in, a weight this model holds as [in, out] (see split) transposed. Each
-        tensor kept is made in one copy, converted to `dtype` in it (a conversion
-        beforehand would be a second copy, whose freed memory the heap keeps), so the
-        caller may hand in views of a mapped file; the extra memory is one layer's
-        parts (or the table, if it comes first). A matrix the model holds as int8
-        (hold_int8) comes as (int8, scale) rows (weights.int8_rows)."""
-        held_t = {f"{n}.weight": f"{n}.weight_t" for n, m in self.named_modules()
-                  if isinstance(m, Linear) and m.weight_t is not None}
-        if self.head_t is not None:
-            held_t["model.embed_tokens.weight"] = "head_t"
-        int8 = {f"{n}.weight": f"{n}.weight_scale" for n, m in self.named_modules()
-                if isinstance(m, Linear) and m.weight_scale is not None}
-        if self.embed_scale is not None:
-            int8["model.embed_tokens.weight"] = "embed_scale"
-        state, pending = {}, {}
-        for name, t in tensors:
-            if name == "lm_head.weight" and self.lm_head is None:
-                continue
-            parts = [t]
-            fused, p = next(((f, p) for f, ps in FUSED.items() for p in ps if f".{p}." in name), (None, None))
-            if fused:
-                prefix, kind = name.split(f".{p}.")  # model.layers.N, weight|bias
-                name = f"{prefix}.{fused}.{kind}"
-                group = pending.setdefault(name, {})
-                group[f"{prefix}.{p}.{kind}"] = t
-                if len(group) < len(FUSED[fused]):
-                    continue
-                group = pending.pop(name)
-                parts = [group[f"{prefix}.{q}.{kind}"] for q in FUSED[fused]]
-            if name in held_t:  # [out, in] parts -> one [in, out]
-                state[held_t[name]] = transposed(*parts, dtype=dtype)
-            elif name in int8:  # (int8, scale) parts
-                state[name], state[int8[name]] = parts[0] if len(parts) == 1 else map(torch.cat, zip(*parts))
-            else:  # (an int8 one here is not the model's: left to be reported as unexpected)
-                state[name] = parts[0][0] if isinstance(parts[0], tuple) else stacked(parts, dtype)
-        for group in pending.values():  # parts without their partners: reported as unexpected
-            state.update(group)
-        return state
 
     def setup(self, dtype: torch.dtype, device) -> None:
-        """Once the weights are loaded: the rotary tables, the norms' eps, the blocks."""
-        self.rotary = Rotary(self.config, dtype, device)
+        """Once the weights are loaded: the rotary tables, the norms' eps."""
+        c = self.config
+        self.rotary = Rotary(rope.frequencies(rope.parameters(c), c.head_dim, c.max_position_embeddings), dtype,
+                             device)
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.setup(torch.device(device))
-        self.split_views()
 
-    def split_views(self) -> None:
-        """The blocks of the weights held now (Linear.blocks, head_blocks): views, made
-        again once the weights are loaded."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.make_blocks()
-        self.head_blocks = None if self.head_t is None else weight_blocks(self.head_t, self.parts, held_t=True)
+    def norm_feeds(self) -> list[tuple[RMSNorm, nn.Module]]:
+        """(norm, the projection its output feeds alone): what storage.fold_norms may fold."""
+        return [pair for block in self.model.layers for pair in ((block.input_layernorm, block.self_attn.qkv_proj),
+                                                                  (block.post_attention_layernorm, block.mlp.gate_up_proj))]
 
     def forward(self, ids: torch.Tensor, cache: KVCache, span: Span) -> torch.Tensor:
         """ids [n, length] -> hidden states [n, length, hidden], before the final norm
         (so the caller can keep only the positions it needs logits for)."""
-        rope = self.rotary(span)
-        mask, causal = attention_mask(span, ids.device)
-        x = self.embed(ids).to(self.rotary.dtype)
+        rope_ = self.rotary(span)
+        windows = self.config.windows()
+        masks = {w: attention_mask(span, ids.device, w) for w in set(windows)}
+        x = self.model.embed_tokens(ids).to(self.rotary.dtype)
         for i, block in enumerate(self.model.layers):
-            x = block(x, rope, mask, causal, cache, i, span)
+            x = block(x, rope_, *masks[windows[i]], cache, i, span)
         return x
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.embed_scale is not None:  # int8 rows
-            return self.model.embed_tokens(ids).float() * self.embed_scale[ids, None].float()
-        if self.head_t is None:
-            return self.model.embed_tokens(ids)
-        return self.head_t[:, ids].movedim(0, -1)  # [hidden, n, length] -> [n, length, hidden]
+    def logits_layer(self) -> nn.Module:
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.model.norm(h)
-        if self.packed_head is not None:
-            return torch.cat([half_linear(h, block) for block in self.packed_head], -1)
-        if self.head_t is not None:
-            return linear_t(h, self.head_t, blocks=self.head_blocks)
-        if self.lm_head is not None:
-            return self.lm_head(h)
-        if self.embed_scale is not None:
-            return int8_linear(h, self.model.embed_tokens.weight, self.embed_scale)
-        return F.linear(h, self.model.embed_tokens.weight)
-
-    def split(self, parts: int) -> None:
-        """parts > 1: decode GEMVs cut into `parts` blocks, the wide weights held as
-        [in, out] (see Linear); a tied table too, the embedding then reading its columns.
-        Called on the meta device before loading, the weights are read in that layout."""
-        self.parts = parts
-        emb = self.model.embed_tokens
-        if parts > 1 and self.lm_head is None and emb.weight is not None:
-            self.head_t = nn.Parameter(transposed(emb.weight), requires_grad=False)
-            emb.register_parameter("weight", None)
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.split(parts)
-        self.split_views()
-
-    def fold_norms(self) -> None:
-        """Each block's norm weights multiplied into the projections they feed (qkv,
-        gate_up), in place: one elementwise product less per norm (~3% of a CPU decode
-        step for SmolLM2). For float32, where the product adds no rounding to speak of."""
-        for block in self.model.layers:
-            for norm, proj in ((block.input_layernorm, block.self_attn.qkv_proj),
-                               (block.post_attention_layernorm, block.mlp.gate_up_proj)):
-                if proj.weight_t is not None:
-                    proj.weight_t.mul_(norm.weight[:, None])  # [in, out]: a row per input
-                else:
-                    proj.weight.mul_(norm.weight)
-                norm.weight = None
-
-    def hold_int8(self) -> None:
-        """Before loading (on the meta device): every matrix, the embedding table and an
-        untied lm_head read as int8 rows with a bfloat16 scale each (int8_rows), the
-        rest as it comes. Products run through int8_linear, the embedding dequantizes
-        the rows it looks up."""
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.hold_int8()
-        self.embed_scale = nn.Parameter(torch.empty(self.config.vocab_size, dtype=torch.bfloat16), requires_grad=False)
-
-    def pack_half(self) -> None:
-        """Weights loaded in float16 -> every matrix product's weight packed by fbgemm,
-        the embedding table left in float16, the rest (norms) float32. Activations and
-        the KV cache are float32."""
-        emb = self.model.embed_tokens
-        head = emb.weight if self.lm_head is None else self.lm_head.weight
-        # The output projection in blocks of rows (each output is its own row's product,
-        # so the logits are the same): packing converts what it packs to float32 first,
-        # and a whole table (Qwen2.5-0.5B's, 545 MB) would peak at 1.5x the weights.
-        blocks = head.split(HEAD_ROWS)
-        self.packed_head, self.lm_head = [pack_half(b) for b in blocks], None
-        self.packed_bytes = sum(half_bytes(b) for b in blocks)
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.packed = pack_half(m.weight, None if m.bias is None else m.bias.float())
-                self.packed_bytes += half_bytes(m.weight) + (0 if m.bias is None else m.bias.numel() * 4)
-                m.register_parameter("weight", None)
-                m.register_parameter("bias", None)
-                give_back_freed_memory()  # else the float16 copies stay resident beside the packed ones
-        for name, p in self.named_parameters():
-            if p is not emb.weight:
-                p.data = p.data.float()
+        return self.model.embed_tokens.as_linear(h) if self.lm_head is None else self.lm_head(h)

@@ -3,6 +3,7 @@ runs prefill/decode over a KVCache (see fermi.backends.Runtime for the contract)
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Iterator, Sequence
 
@@ -10,14 +11,14 @@ import torch
 from safetensors import safe_open
 
 from fermi.backends import Sample
+from fermi.config import ARCHITECTURES
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
-from . import graphs, llama, qwen2, qwen3, weights
+from . import graphs, storage, weights
 from .cache import KVCache, Span
 from .sampler import TorchSampler, make_sampler, sample_batch
 
-ARCHITECTURES = {"llama": llama.Model, "qwen2": qwen2.Model, "qwen3": qwen3.Model}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREFILL_CHUNK = 512  # long prompts go through in pieces: bounded activations and masks
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
@@ -26,12 +27,12 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 class TorchRuntime:
     backend = "torch"
 
-    def __init__(self, model: llama.Model, config, device: torch.device, dtype: str, compute: str | None = None):
+    def __init__(self, model, config, device: torch.device, dtype: str, compute: str | None = None):
         self.model, self.config = model, config
         self.torch_device, self.device, self.dtype = device, str(device), dtype
         self.compute = compute or dtype  # activations and KV cache (float32 under CPU float16 weights)
         held = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.weight_bytes = held + model.packed_bytes
+        self.weight_bytes = held + storage.packed_bytes(model)
         # On a GPU, decode steps are recorded once as CUDA graphs and replayed
         # (graphs.py); FERMI_CUDA_GRAPHS=0 runs them eagerly.
         self.cuda_graphs = device.type == "cuda" and os.environ.get("FERMI_CUDA_GRAPHS", "1") != "0"
@@ -116,15 +117,14 @@ class TorchRuntime:
         return x.detach().float().cpu().numpy()
 
 
-def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.device) -> None:
-    """Safetensors into the model built on the meta device, through Model.sanitized
-    (which copies every tensor it keeps). Each file is mapped once per tensor: a
-    mapping held open keeps every page it touched resident, so each tensor's pages
-    go when sanitized has made its copy. The embedding table comes first, while
-    nothing else is held. A model that holds int8 (Model.hold_int8) gets every
-    matrix as int8 rows and their scales (weights.int8_rows), each block of rows
-    read through a mapping of its own: the float32 file is never resident whole."""
-    int8 = model.embed_scale is not None
+def load_weights(model, files, dtype: torch.dtype, device: torch.device) -> None:
+    """Safetensors into the model built on the meta device, through
+    storage.checkpoint_state (which copies every tensor it keeps). Each file is mapped
+    once per tensor: a mapping held open keeps every page it touched resident, so each
+    tensor's pages go when its copy is made. The embedding table comes first, while
+    nothing else is held. A matrix for a layer held as int8 rows (storage.hold) comes as
+    int8 rows and their scales (weights.int8_rows), each block of rows read through a
+    mapping of its own: the float32 file is never resident whole."""
 
     def open_file(path):
         return safe_open(str(path), framework="pt", device=str(device))
@@ -137,7 +137,7 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
         for path in files:
             with open_file(path) as f:
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
-                shapes = {n: f.get_slice(n).get_shape() for n in names} if int8 else {}
+                shapes = {n: f.get_slice(n).get_shape() for n in names if storage.reads_rows(model, n)}
             for n in names:
                 if len(shapes.get(n, ())) == 2:  # a matrix, read as int8 rows
                     yield n, weights.int8_rows(shapes[n], lambda a, b: read_rows(path, n, a, b), device)
@@ -145,7 +145,7 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
                 with open_file(path) as f:
                     yield n, f.get_tensor(n)
 
-    state = model.sanitized(tensors(), dtype)
+    state = storage.checkpoint_state(model, tensors(), dtype)
     weights.give_back_freed_memory()
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
@@ -155,6 +155,11 @@ def load_weights(model: llama.Model, files, dtype: torch.dtype, device: torch.de
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.load_state_dict(state, assign=True)
+
+
+def architecture(model_type: str):
+    """The torch Model class of an architecture (fermi.config.ARCHITECTURES)."""
+    return importlib.import_module(f"{__package__}.{ARCHITECTURES[model_type]}").Model
 
 
 def load(model_files, dtype: str | None, quantize: int | None, device: torch.device) -> TorchRuntime:
@@ -172,21 +177,21 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     half = dtype == "float16" and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
     compute = "float32" if half else dtype
     with torch.device("meta"):
-        model = ARCHITECTURES[config.model_type](config)
-        if quantize:  # the matrices read as int8 rows (llama.Model.hold_int8)
-            model.hold_int8()
-        else:
+        model = architecture(config.model_type)(config)
+        if quantize:
+            storage.hold(model, "int8")
+        elif device.type == "cpu" and dtype == "float32":
             # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
-            # Split before loading: the weights are read in the layout it picks.
-            model.split(torch.get_num_threads() if device.type == "cpu" and dtype == "float32" else 1)
+            # Before loading: the weights are read in the layout it picks.
+            storage.hold(model, "blocks", torch.get_num_threads())
     model.requires_grad_(False)  # before loading: int8 tensors cannot require gradients
     load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.eval()
     model.setup(DTYPES[compute], device)
     if dtype == "float32" and not quantize:
-        model.fold_norms()
+        storage.fold_norms(model)
     if half:
-        model.pack_half()
+        storage.pack_half(model)
+    storage.ready(model)
     # The label users see (startup line, stats): int8 weights, float32 arithmetic around them.
     return TorchRuntime(model, config, device, "int8" if quantize else dtype, compute)
-
