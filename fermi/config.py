@@ -6,7 +6,7 @@ from .errors import FermiError
 
 # The one architecture registry: a config's model_type -> the module of each backend
 # (fermi.backends.torch.<module>, fermi.backends.mlx.<module>) whose `Model` runs it.
-ARCHITECTURES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3"}
+ARCHITECTURES = {"qwen3": "qwen3", "qwen2": "qwen2", "llama": "llama", "phi3": "phi3", "gemma3_text": "gemma3"}
 
 
 @dataclass
@@ -49,6 +49,8 @@ class ModelConfig:
         if missing := [k for k in required if k not in d]:
             raise FermiError(f"model config lacks {', '.join(missing)}")
         known = {k: v for k, v in d.items() if k in names}
+        if d.get("attn_logit_softcapping") or d.get("final_logit_softcapping"):
+            raise FermiError("logit soft-capping (Gemma 2's) is not supported")
         if d.get("use_sliding_window") and not d.get("layer_types"):
             raise FermiError("a sliding window over some layers by max_window_layers is not supported")
         return cls(**known, extra={k: v for k, v in d.items() if k not in names})
@@ -62,6 +64,14 @@ class ModelConfig:
         if types:
             return [window if t == "sliding_attention" else None for t in types]
         return [window if self.model_type == "phi3" else None] * n
+
+    def rope_kinds(self) -> list[str | None]:
+        """Each layer's kind of RoPE (fermi.rope.parameters' layer_type): its layer type
+        where `rope_parameters` is given per layer type (Gemma 3's), else None."""
+        params, types = self.extra.get("rope_parameters") or {}, self.extra.get("layer_types")
+        if types and all(t in params for t in types):
+            return list(types)
+        return [None] * self.num_hidden_layers
 
     @property
     def eos_ids(self) -> list[int]:

@@ -49,6 +49,13 @@ SPECS = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "short_factor": [1.0 + 0.1 * i for i in range(8)],
                          "long_factor": [1.0 + 3.0 * i for i in range(8)]})),
+    # a sliding and a full layer, each its own RoPE (the full one scaled), (1 + w) norms,
+    # GeGLU, the scaled embedding, a score scale that is not head_dim's
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=12, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
 }
 
 

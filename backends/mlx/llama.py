@@ -43,7 +43,7 @@ class RoPE(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         dim, self.n_heads, self.n_kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = hd = cfg.head_dim
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=o_bias)
-        self.rope = RoPE(cfg)
+        self.rope = RoPE(cfg, rope.parameters(cfg, cfg.rope_kinds()[layer]))
 
     @staticmethod
     def biases(cfg: ModelConfig) -> tuple[bool, bool]:
@@ -79,6 +79,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    act = staticmethod(nn.silu)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         dim, hidden, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
@@ -87,13 +89,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: type[Attention]):
+    def __init__(self, cfg: ModelConfig, attention: type[Attention], layer: int):
         super().__init__()
-        self.self_attn = attention(cfg)
+        self.self_attn = attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
@@ -104,15 +106,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: type[Attention]):
+    def __init__(self, cfg: ModelConfig, attention: type[Attention], block=Block, norm=nn.RMSNorm):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [Block(cfg, attention) for _ in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.layers = [block(cfg, attention, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = norm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self._windows = cfg.windows()  # each layer's sliding window, or None
+        self._embed_scale = None  # the embedding's output times this (Gemma)
 
     def __call__(self, ids: mx.array, span: Span) -> mx.array:
         h = self.embed_tokens(ids)
+        if self._embed_scale is not None:
+            h = h * mx.array(self._embed_scale, dtype=h.dtype)
         masks = {w: span.mask_for(w) for w in set(self._windows)}
         for i, layer in enumerate(self.layers):
             h = layer(h, span, i, masks[self._windows[i]])
@@ -123,12 +128,12 @@ class Model(nn.Module):
     """`hidden` (ids [B, L] -> [B, L, hidden]) and `logits` are separate so a prefill
     runs the vocabulary projection on its last position only."""
 
-    attention = Attention
+    attention, block, norm = Attention, Block, nn.RMSNorm  # an architecture's own, in its subclass
 
     def __init__(self, cfg: ModelConfig, tied: bool):
         super().__init__()
         self.tied = tied
-        self.model = Transformer(cfg, self.attention)
+        self.model = Transformer(cfg, self.attention, self.block, self.norm)
         if not tied:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 

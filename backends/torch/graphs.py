@@ -79,7 +79,7 @@ class Step:
         with torch.cuda.graph(self.graph, stream=side):
             self.logits = run()
         # The rotary tables the graph reads: kept alive should the model grow them.
-        self.tables = (model.rotary.cos, model.rotary.sin)
+        self.tables = [(r.cos, r.sin) for r in model.rotaries.values()]
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
         self.ids.copy_(torch.tensor(tokens).view(-1, 1), non_blocking=True)
@@ -100,7 +100,8 @@ def decode(model, cache: KVCache, tokens: list[int], slots: list[int], positions
         if len(cache.steps) >= KEEP:
             cache.steps.pop(next(iter(cache.steps)))
         # Rotary tables grown to the capacity before recording: growing replaces them.
-        model.rotary.reserve(cache.capacity)
+        for r in model.rotaries.values():
+            r.reserve(cache.capacity)
         step = Step(model, cache, tokens, positions, slots)
     cache.steps[size] = step  # most recently used last
     return step(tokens, positions, slots)[:n]

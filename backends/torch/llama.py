@@ -132,6 +132,7 @@ class Attention(nn.Module):
         hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(hidden, q_dim + 2 * kv_dim, bias=qkv_bias)  # q_proj, k_proj, v_proj (FUSED)
         self.o_proj = nn.Linear(q_dim, hidden, bias=o_bias)
+        self.scale = None  # of the scores: None is 1/sqrt(head_dim)
 
     def qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         return qk  # qwen3 normalizes each head here
@@ -144,11 +145,14 @@ class Attention(nn.Module):
         qk = apply_rope(self.qk_norm(qkv[:, :, :heads + kv_heads]).transpose(1, 2), *rope)
         q, k = qk.split([heads, kv_heads], dim=1)
         k, v = cache.update(layer, span, k, qkv[:, :, heads + kv_heads:].transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=heads != kv_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=heads != kv_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class MLP(nn.Module):
+    act = staticmethod(F.silu)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -157,7 +161,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
@@ -176,30 +180,35 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """The checkpoint's `model.*`: embeddings, blocks and the final norm."""
 
-    def __init__(self, config: ModelConfig, attention: type[Attention]):
+    def __init__(self, config: ModelConfig, attention: type[Attention], block: type[nn.Module], norm: type[nn.Module]):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, attention) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(block(config, attention) for _ in range(config.num_hidden_layers))
+        self.norm = norm(config.hidden_size, config.rms_norm_eps)
 
 
 class Model(nn.Module):
     FUSED = FUSED
+    Block, Norm = Block, RMSNorm  # an architecture's own, in its subclass
 
     def __init__(self, config: ModelConfig, attention: type[Attention] = Attention):
         super().__init__()
         self.config = config
-        self.model = Decoder(config, attention)
+        self.model = Decoder(config, attention, self.Block, self.Norm)
         # Tied embeddings: the output projection reuses embed_tokens, no lm_head weight.
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
-        self.rotary: Rotary | None = None  # built by setup(), once the dtype and device are known
+        self.rotaries: dict[str | None, Rotary] = {}  # by config.rope_kinds(), built by setup()
+
+    @property
+    def rotary(self) -> Rotary:
+        return next(iter(self.rotaries.values()))
 
     def setup(self, dtype: torch.dtype, device) -> None:
         """Once the weights are loaded: the rotary tables, the norms' eps."""
         c = self.config
-        self.rotary = Rotary(rope.frequencies(rope.parameters(c), c.head_dim, c.max_position_embeddings), dtype,
-                             device)
+        self.rotaries = {kind: Rotary(rope.frequencies(rope.parameters(c, kind), c.head_dim, c.max_position_embeddings),
+                                      dtype, device) for kind in dict.fromkeys(c.rope_kinds())}
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.setup(torch.device(device))
@@ -212,13 +221,16 @@ class Model(nn.Module):
     def forward(self, ids: torch.Tensor, cache: KVCache, span: Span) -> torch.Tensor:
         """ids [n, length] -> hidden states [n, length, hidden], before the final norm
         (so the caller can keep only the positions it needs logits for)."""
-        rope_ = self.rotary(span)
-        windows = self.config.windows()
+        ropes = {kind: rotary(span) for kind, rotary in self.rotaries.items()}
+        windows, kinds = self.config.windows(), self.config.rope_kinds()
         masks = {w: attention_mask(span, ids.device, w) for w in set(windows)}
-        x = self.model.embed_tokens(ids).to(self.rotary.dtype)
+        x = self.embed(ids).to(self.rotary.dtype)
         for i, block in enumerate(self.model.layers):
-            x = block(x, rope_, *masks[windows[i]], cache, i, span)
+            x = block(x, ropes[kinds[i]], *masks[windows[i]], cache, i, span)
         return x
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
 
     def logits_layer(self) -> nn.Module:
         return self.model.embed_tokens if self.lm_head is None else self.lm_head
