@@ -6,7 +6,11 @@ Each backend package (`fermi.backends.torch`, `fermi.backends.mlx`) exposes:
     available() -> str | None     None when it can run here, else a one-line reason
     default_dtype() -> str        "float32" | "float16" | "bfloat16"
     device_name() -> str          e.g. "cpu", "cuda:0", "metal"
-    load(model: ModelFiles, dtype: str | None = None, quantize: int | None = None) -> Runtime
+    load(model: ModelFiles, dtype: str | None = None, quantize: int | None = None,
+         blocks: bool | None = None) -> Runtime
+        quantize: 4 | 8 bits for float weights, 0 for none; blocks: keep a GGUF's
+        quantized blocks as they are (True), or dequantize them (False); None is the
+        backend's default (MLX keeps them unless quantize is 0; torch dequantizes)
 
 A Runtime (see `Runtime` below) holds the weights on the device and offers
 `new_cache`, `prefill`, `decode`, `sampler`, `sample`, `stream` and `to_numpy`.

@@ -13,7 +13,6 @@ Unsupported from `load`; the table shows it as such, never as a number.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -126,11 +125,10 @@ class Fermi(Adapter):
         module = self._module()
         try:
             model = sources.resolve(spec["path"])
-            if self.backend == "mlx" and self.quantize:
-                # A GGUF's quantized tensors stay as they are under quantize=4|8; to
-                # compare with mlx-lm, quantize the float32 conversion, as it does.
-                model = dataclasses.replace(model, gguf=None)
-            runtime = module.load(model, dtype=self.dtype, quantize=self.quantize)
+            # A GGUF's quantized tensors stay as they are under quantize=4|8; to compare
+            # with mlx-lm, quantize the float32 conversion, as it does.
+            blocks = False if self.backend == "mlx" and self.quantize else None
+            runtime = module.load(model, dtype=self.dtype, quantize=self.quantize, blocks=blocks)
             if self.backend == "torch":
                 runtime.cuda_graphs = runtime.cuda_graphs and self.graphs
         except FermiError as e:

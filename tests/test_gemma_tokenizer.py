@@ -84,6 +84,7 @@ def gemma_strings() -> list[str]:
     return list(dict.fromkeys(STRINGS + gemma + mixed))
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_tokenizer_matches_transformers(gemma, oracle):
     ours, (hf, _) = gemma.tokenizer, oracle
     strings = gemma_strings()
@@ -100,6 +101,7 @@ def test_gemma_tokenizer_matches_transformers(gemma, oracle):
     check_decode_vocab(ours, hf)
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_special_tokens(gemma, oracle):
     tok, (hf, _) = gemma.tokenizer, oracle
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<bos>", "<eos>", "<pad>")
@@ -110,6 +112,7 @@ def test_gemma_special_tokens(gemma, oracle):
     assert gemma.chat_template is None  # the base model: no chat template in the file
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_config_matches_transformers(gemma, oracle):
     ours, (_, hf) = gemma.config, oracle
     assert ours["model_type"] == hf.model_type == "gemma3_text"
@@ -126,6 +129,7 @@ def test_gemma_config_matches_transformers(gemma, oracle):
     assert ours["layer_types"].count("full_attention") == 3 and ours["sliding_window"] == 512
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_tensor_names_are_transformers(gemma, oracle):
     """Every tensor of the file has its Hugging Face name (Gemma norms both ends of each
     sub-block: four norms a layer), and they are the ones transformers' model holds.
@@ -139,6 +143,7 @@ def test_gemma_tensor_names_are_transformers(gemma, oracle):
     assert set(names) == set(model.state_dict()) - {"lm_head.weight"} and len(names) == 236  # the head is tied
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_assembly_is_checked_and_kept(gemma_file):
     assert hashlib.sha256(gemma_file.read_bytes()).hexdigest() == embedded.GEMMA3_SHA256
     before = gemma_file.stat()
@@ -149,6 +154,7 @@ def test_gemma_assembly_is_checked_and_kept(gemma_file):
     assert sorted(p.name for p in gemma_file.parent.iterdir()) == [gemma_file.name, gemma_file.name + ".sha256"]
 
 
+@pytest.mark.slow  # (the Gemma packages are the slow tier's: README)
 def test_gemma_is_a_name_fermi_resolves(gemma_file, gemma, monkeypatch):
     import fermi.gguf.convert
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tiny
+from fermi.errors import FermiError
 
 mx = pytest.importorskip("mlx.core")
 import gguf  # noqa: E402
@@ -240,6 +241,11 @@ def test_gguf_loads_quantized_and_exact(tinies, llama256, tmp_path, types, monke
     deq = backend.load(files, dtype="float32", quantize=0)  # quantize=0: all dequantized
     assert not any(isinstance(m, nn.QuantizedLinear) for _, m in deq.net.named_modules())
     assert deq.weight_bytes == expected.weight_bytes
+    plain = backend.load(files, dtype="float32", blocks=False)  # the explicit option, whatever the source
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in plain.net.named_modules())
+    assert np.array_equal(plain.to_numpy(plain.prefill(ids, plain.new_cache(), all_logits=True)), want)
+    with pytest.raises(FermiError, match="no quantized blocks to keep"):
+        backend.load(floats, dtype="float32", blocks=True)
 
 
 # ---------------------------------------------------------------- SmolLM2, the real Q4_1 GGUF

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tiny
-from fermi.errors import ContextOverflow
+from fermi.errors import ContextOverflow, FermiError
 from fermi.sampling import SamplingParams
 
 TOL = 1e-4  # float32
@@ -364,6 +364,11 @@ def test_torch_int8_rows_round_to_their_scale():
         mp.setattr(weights, "INT8_ROWS", 8)
         q8, scale8 = weights.int8_rows(w.shape, lambda a, b: w[a:b])
     assert torch.equal(q8, q) and torch.equal(scale8, scale)
+
+
+def test_torch_keeping_quantized_blocks_is_one_clear_error(model):
+    with pytest.raises(FermiError, match="keeping the blocks as they are is the MLX backend's"):
+        tiny.backend_module("torch").load(model.files, dtype="float32", blocks=True)
 
 
 def test_torch_quantize_other_than_8_is_one_clear_error(model):

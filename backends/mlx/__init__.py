@@ -9,13 +9,14 @@ Weights:
   quantizes every Linear and the embedding (group size 64) in place, evaluated
   a layer at a time, the tables (embedding, lm_head) read and quantized a block
   of rows at a time, so the float weights are never all held at once.
-- GGUF: quantized tensors stay quantized, in MLX's affine layout (packed q,
+- GGUF, `blocks=True` (the default for a GGUF unless quantize=0): quantized
+  tensors stay quantized, in MLX's affine layout (packed q,
   scales, biases per group of 32). The block types that are affine already
   (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K: fermi.gguf.AFFINE_BITS) move over
   exactly, as 4, 5 or 8 bits; the others (Q6_K, Q2_K, Q3_K, ...) are rounded to
   8 bits (min-max per group of 32: the error is a small fraction of their own
-  step). F32/F16/BF16 tensors stay float. `quantize=0` asks for every weight
-  dequantized (the float32 conversion); `quantize=4|8` quantizes only what is
+  step). F32/F16/BF16 tensors stay float. `blocks=False` (or `quantize=0`) asks
+  for every weight dequantized (the float32 conversion); `quantize=4|8` quantizes only what is
   still float, since rounding a quantized weight again only adds error. The
   dtype sets the activations, the float weights and the scales.
   (MLX can read a GGUF itself, but only Q4_0/Q4_1/Q8_0, whole files or not at
@@ -74,8 +75,10 @@ def make_sampler(params, prompt_ids: Sequence[int]):
     return make(params, prompt_ids)
 
 
-def load(model, dtype: str | None = None, quantize: int | None = None):
-    """ModelFiles -> MLXRuntime, the weights evaluated on the device."""
+def load(model, dtype: str | None = None, quantize: int | None = None, blocks: bool | None = None):
+    """ModelFiles -> MLXRuntime, the weights evaluated on the device. blocks: keep a
+    GGUF's quantized blocks (True) or dequantize every weight first (False); None:
+    keep them unless quantize is 0."""
     import importlib
 
     from fermi.config import ARCHITECTURES
@@ -95,7 +98,11 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
     arch = importlib.import_module(f"{__name__}.{ARCHITECTURES[cfg.model_type]}").Model
 
     tensors = {}
-    if model.gguf is not None and quantize != 0:
+    if blocks is None:
+        blocks = model.gguf is not None and quantize != 0
+    if blocks and model.gguf is None:
+        raise FermiError("there are no quantized blocks to keep: the weights are not a GGUF file")
+    if blocks:
         tensors = _from_gguf(model)
     else:
         for f in model.weight_files():
@@ -122,7 +129,7 @@ def load(model, dtype: str | None = None, quantize: int | None = None):
         modules = dict(net.named_modules())
         tables = [p for p in ("model.embed_tokens", "lm_head") if p in modules and fits(p, modules[p])]
         nn.quantize(net, group_size=GROUP_SIZE, bits=quantize, class_predicate=fits)
-        if model.gguf is None:  # float tables from the files: quantized in blocks of rows instead
+        if not blocks:  # float tables from the files: quantized in blocks of rows instead
             modules = dict(net.named_modules())
             for p in tables:
                 m = modules[p]
