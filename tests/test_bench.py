@@ -66,6 +66,7 @@ def test_smoke(tmp_path, monkeypatch, capsys):
     assert any(t["target"].startswith("torch f32 decode ≥ 2×") and t["pass"] is None for t in out["targets"])
 
 
+@pytest.mark.slow  # (33 s: the default run's time)
 def test_model_directory_with_random_weights(tmp_path):
     """The way to figures where the weights cannot travel (bench/cuda.sh): bench.modeldir
     writes a model directory (the GGUF's config and tokenizer, random weights of its shapes)

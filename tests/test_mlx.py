@@ -341,13 +341,7 @@ def teacher_forcing(model, reference, n: int | None, settings=("float16", "gguf"
     return results
 
 
-def test_smollm2_half_and_4bit_under_teacher_forcing(smollm2, smollm2_f32):
-    r = teacher_forcing(smollm2, smollm2_f32, 64)
-    assert r["float16"][0] >= 0.95 and r["gguf"][0] >= 0.85, r
-    assert r["4-bit"][0] >= 0.55 and r["4-bit"][1] >= 0.85, r
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # (41 s at 64 positions on mlx[cpu]: the default run's time)
 def test_smollm2_half_and_4bit_under_teacher_forcing_long(smollm2, smollm2_f32):
     r = teacher_forcing(smollm2, smollm2_f32, 320)
     assert r["float16"][2] >= 300
