@@ -199,6 +199,8 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                          bias=False)
         self.rotaries: dict[str | None, Rotary] = {}  # by config.rope_kinds(), built by setup()
+        # each layer's sliding window and kind of RoPE: read once, not every step
+        self.windows, self.rope_kinds = config.windows(), config.rope_kinds()
 
     @property
     def rotary(self) -> Rotary:
@@ -208,7 +210,7 @@ class Model(nn.Module):
         """Once the weights are loaded: the rotary tables, the norms' eps."""
         c = self.config
         self.rotaries = {kind: Rotary(rope.frequencies(rope.parameters(c, kind), c.head_dim, c.max_position_embeddings),
-                                      dtype, device) for kind in dict.fromkeys(c.rope_kinds())}
+                                      dtype, device) for kind in dict.fromkeys(self.rope_kinds)}
         for m in self.modules():
             if isinstance(m, RMSNorm):
                 m.setup(torch.device(device))
@@ -222,7 +224,7 @@ class Model(nn.Module):
         """ids [n, length] -> hidden states [n, length, hidden], before the final norm
         (so the caller can keep only the positions it needs logits for)."""
         ropes = {kind: rotary(span) for kind, rotary in self.rotaries.items()}
-        windows, kinds = self.config.windows(), self.config.rope_kinds()
+        windows, kinds = self.windows, self.rope_kinds
         masks = {w: attention_mask(span, ids.device, w) for w in set(windows)}
         x = self.embed(ids).to(self.rotary.dtype)
         for i, block in enumerate(self.model.layers):

@@ -293,7 +293,10 @@ def reads_rows(model: nn.Module, name: str) -> bool:
     """Whether the checkpoint matrix `name` goes to a layer held as int8 rows."""
     target, _ = fused_target(model, name)
     prefix, _, kind = target.rpartition(".")
-    layer = dict(model.named_modules()).get(prefix)
+    try:
+        layer = model.get_submodule(prefix)
+    except AttributeError:  # (not a layer of this model: left to be reported as unexpected)
+        layer = None
     return kind == "weight" and getattr(layer, "rows", False) and not (name == "lm_head.weight" and tied(model))
 
 
