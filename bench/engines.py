@@ -81,9 +81,10 @@ class Fermi(Adapter):
     modules = ("fermi",)
 
     def __init__(self, name: str, backend: str, dtype: str | None, quantize: int | None, loop: str = "session",
-                 graphs: bool = True):
+                 graphs: bool = True, kernels: bool = True):
         self.name, self.backend, self.dtype, self.quantize, self.loop = name, backend, dtype, quantize, loop
         self.graphs = graphs  # torch on a GPU: decode steps replayed as CUDA graphs (False: eager)
+        self.kernels = kernels  # torch: fermi's native CPU kernels (False: the pure-torch path, as without a compiler)
         self.modules = ("fermi", backend)
         self.install = f"pip install {'mlx[cpu]' if backend == 'mlx' else backend}"
         self.engine = None
@@ -94,7 +95,7 @@ class Fermi(Adapter):
              "decode_loop": "serving core, EOS ignored" if self.loop == "session" else "runtime.stream"}
         if self.engine is not None:
             r = self.engine.runtime
-            d.update(dtype=r.dtype, device=r.device)
+            d.update(dtype=r.dtype, device=r.device, kernel=getattr(r, "kernel", None))
             if self.backend == "torch":
                 import torch
 
@@ -123,6 +124,10 @@ class Fermi(Adapter):
         from fermi.errors import FermiError
 
         module = self._module()
+        if self.backend == "torch" and not self.kernels:
+            from fermi.backends.torch import weights
+
+            weights.kernels = None
         try:
             model = sources.resolve(spec["path"])
             # A GGUF's quantized tensors stay as they are under quantize=4|8; to compare
@@ -461,9 +466,9 @@ def quant_dtype() -> str:
         return "float16"
 
 
-def _fermi(name, backend, dtype, quantize, graphs=True):
+def _fermi(name, backend, dtype, quantize, graphs=True, kernels=True):
     return lambda loop="session": Fermi(name, backend, quant_dtype() if dtype == "quant" else dtype, quantize, loop,
-                                        graphs)
+                                        graphs, kernels)
 
 
 ENGINES = {
@@ -472,8 +477,9 @@ ENGINES = {
     "fermi-torch-f16": _fermi("fermi-torch-f16", "torch", "float16", None),  # CPU: fp16 weights, fp32 math
     "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", None),
     "fermi-torch-bf16-eager": _fermi("fermi-torch-bf16-eager", "torch", "bfloat16", None, graphs=False),  # no CUDA graphs
-    "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),
-    "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),
+    "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),  # q8_0 blocks, native kernels
+    "fermi-torch-int8-torch": _fermi("fermi-torch-int8-torch", "torch", None, 8, kernels=False),  # int8 rows, no kernels
+    "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),  # q4_0 blocks, native kernels
     # MLX: quantize=0 dequantizes the GGUF to the dtype; 4/8 quantize the float32
     # conversion (group 64); "gguf" keeps the file's own blocks (fermi's default).
     # "quant": quant_dtype(), float16 on Metal, float32 on the CPU.

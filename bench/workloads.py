@@ -14,6 +14,24 @@ from typing import Callable
 # The decode workload: a short chat prompt, then `--tokens` generated greedily.
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 
+# A prose passage for teacher-forced comparisons (~320 tokens): bench.accuracy and the tests.
+PROSE = """The history of astronomy is a story of patient observation. Long before telescopes,
+people watched the sky to keep track of the seasons, to plan harvests and to navigate across
+open water. Babylonian scribes recorded the positions of the planets on clay tablets, and Greek
+thinkers tried to explain those motions with nested spheres and circles. Ptolemy's model
+predicted the positions of the planets well enough to be used for more than a thousand years.
+In the sixteenth century Copernicus proposed that the Earth and the other planets move around
+the Sun, which made the geometry simpler but did not at first make the predictions better.
+Tycho Brahe then measured the planets with greater care than anyone before him, and Johannes
+Kepler used those measurements to show that the orbits are ellipses rather than circles. Galileo
+turned a small telescope to the sky and saw the moons of Jupiter, the phases of Venus and the
+craters of the Moon. Newton finally explained why the planets move as they do: the same force
+that makes an apple fall keeps the Moon in its orbit. Since then astronomers have learned that
+the Sun is one star among hundreds of billions in our galaxy, that there are countless galaxies
+beyond it, and that the universe has been expanding for almost fourteen billion years. Modern
+observatories in deserts and on mountains, and telescopes in space, keep adding to this story
+every year, and each new instrument shows something that nobody expected to find."""
+
 # The prefill workload: notes like these, added until the rendered prompt holds
 # about `--prefill-tokens` tokens.
 _NOTES = [

@@ -64,7 +64,8 @@ class Engine:
 
     def describe(self) -> str:
         r = self.runtime
-        return f"{self.name} · {r.backend} · {r.device} · {r.dtype} · context {self.context_length}"
+        kernel = f" ({r.kernel})" if getattr(r, "kernel", None) else ""
+        return f"{self.name} · {r.backend} · {r.device} · {r.dtype}{kernel} · context {self.context_length}"
 
     def render(self, messages: list[dict], thinking: str = "auto", tools: ToolSet | None = None,
                add_generation_prompt: bool = True) -> str:

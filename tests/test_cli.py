@@ -29,14 +29,19 @@ def test_run_prints_the_answer(backend):
 
 
 def test_run_with_8_bit_weights_on_torch():
-    """`--quantize 8` on the torch backend (a CPU: int8 rows) answers; 4 bits is one clear line."""
+    """`--quantize 8` and `4` on the torch backend (a CPU: blocks of 32 through fermi's
+    kernels) answer; the startup line names the format and the kernels."""
     r = fermi("run", "--model", "smollm2-135m", "--backend", "torch", "--quantize", "8", "--temperature", "0",
               "--max-new-tokens", "12", "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    assert "· int8 ·" in r.stderr.splitlines()[0]  # the startup line names the weights' format
-    one_line_error(fermi("run", "--model", "smollm2-135m", "--backend", "torch", "--quantize", "4", "Hi"),
-                   "4-bit", "torch")
+    from fermi.backends.torch import weights
+
+    assert f"· q8_0 ({weights.kernel_path()} kernels) ·" in r.stderr.splitlines()[0]
+    r = fermi("run", "--model", "smollm2-135m", "--backend", "torch", "--quantize", "4", "--temperature", "0",
+              "--max-new-tokens", "4", "Hi")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    assert "· q4_0 (" in r.stderr.splitlines()[0]
 
 
 def test_backends_print_the_same_text():

@@ -313,37 +313,45 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
     assert np.abs(np.array(got) - ref).max() <= tol * np.abs(ref).max()
 
 
-def test_torch_int8_follows_reference(model):
-    """torch --quantize 8 on a CPU: every matrix and the embedding held as int8 rows
-    with a scale each, products in bfloat16 (torch's int8 kernel at decode, a
-    dequantized matmul at prefill). Errors relative to the logit scale."""
+@pytest.mark.parametrize("bits,native", [(8, True), (8, False), (4, True)], ids=["q8_0", "int8-rows", "q4_0"])
+def test_torch_quantized_follows_reference(model, bits, native, monkeypatch):
+    """torch --quantize 8|4 on a CPU: every matrix and the embedding held in blocks of
+    32 (the native kernels at decode, activations quantized per block too), or without
+    the kernels as int8 rows (torch's int8 kernel at decode); a dequantized bfloat16
+    matmul at prefill. Against transformers with its weights rounded the same way,
+    errors relative to the logit scale."""
+    import copy
+
     import torch
 
+    from fermi.backends.torch import weights
+
     if torch.cuda.is_available():
-        pytest.skip("8-bit weights run on the CPU only")
-    rt = tiny.backend_module("torch").load(model.files, dtype="float32", quantize=8)
+        pytest.skip("quantized weights run on the CPU only")
+    if not native:
+        monkeypatch.setattr(weights, "kernels", None)
+    elif weights.kernels is None:
+        pytest.skip("the native kernels are not built")
+    rt = tiny.backend_module("torch").load(model.files, dtype="float32", quantize=bits)
     full = tiny.backend_module("torch").load(model.files, dtype="float32")
-    assert rt.model.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    assert rt.dtype == {8: "q8_0" if native else "int8", 4: "q4_0"}[bits]
+    assert rt.model.model.layers[0].mlp.down_proj.weight.dtype == (torch.int8 if bits == 8 else torch.uint8)
     assert rt.weight_bytes < 0.35 * full.weight_bytes  # the norms and biases stay float32
     ids = tokens(40, seed=5)
-    ref = model.reference(ids)[19:]
     cache = rt.new_cache()
     got = [rt.to_numpy(rt.prefill(ids[:20], cache))]  # 20 rows: the dequantized matmul
-    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]  # one row: the int8 kernel
-    if model.arch == "gemma3":
-        # The tiny Gemma moves 14% of its logit scale with its weights rounded to int8
-        # rows alone (in float32): the bound holds against that reference.
-        import copy
-
-        from fermi.backends.torch.weights import int8_rows
-
-        rounded = copy.deepcopy(model.hf)
-        with torch.no_grad():
-            for p in rounded.parameters():
-                if p.dim() == 2:
-                    q, scale = int8_rows(p.shape, lambda a, b: p[a:b])
+    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]  # one row: the kernel
+    rounded = copy.deepcopy(model.hf)  # (the tiny Gemma moves 14% of its logit scale by int8 rows alone)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            if p.dim() == 2:
+                if rt.dtype == "int8":
+                    q, scale = weights.int8_rows(p.shape, lambda a, b: p[a:b])
                     p.copy_(q.float() * scale.float()[:, None])
-            ref = rounded(torch.tensor([ids])).logits[0].numpy()[19:]
+                else:
+                    p.copy_(weights.dequantized(bits, *(weights.q8_blocks if bits == 8 else weights.q4_blocks)(
+                        p.shape, lambda a, b: p[a:b])))
+        ref = rounded(torch.tensor([ids])).logits[0].numpy()[19:]
     assert np.abs(np.array(got) - ref).max() <= 8e-2 * np.abs(ref).max()  # bfloat16's bound
 
 
@@ -374,8 +382,8 @@ def test_torch_keeping_quantized_blocks_is_one_clear_error(model):
 def test_torch_quantize_other_than_8_is_one_clear_error(model):
     from fermi.errors import FermiError
 
-    with pytest.raises(FermiError, match="4-bit weights are not supported by the torch backend"):
-        tiny.backend_module("torch").load(model.files, dtype="float32", quantize=4)
+    with pytest.raises(FermiError, match="2-bit weights are not supported by the torch backend"):
+        tiny.backend_module("torch").load(model.files, dtype="float32", quantize=2)
     with pytest.raises(FermiError, match="--quantize 8 computes in float32"):
         tiny.backend_module("torch").load(model.files, dtype="bfloat16", quantize=8)
 

@@ -36,6 +36,7 @@ class TorchRuntime:
         # On a GPU, decode steps are recorded once as CUDA graphs and replayed
         # (graphs.py); FERMI_CUDA_GRAPHS=0 runs them eagerly.
         self.cuda_graphs = device.type == "cuda" and os.environ.get("FERMI_CUDA_GRAPHS", "1") != "0"
+        self.kernel = None  # quantized weights: which kernels multiply them (the startup line says)
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -137,10 +138,11 @@ def load_weights(model, files, dtype: torch.dtype, device: torch.device) -> None
         for path in files:
             with open_file(path) as f:
                 names = sorted((n for n in f.keys() if not n.endswith(IGNORED)), key=lambda n: "embed_tokens" not in n)
-                shapes = {n: f.get_slice(n).get_shape() for n in names if storage.reads_rows(model, n)}
+                quantizers = {n: q for n in names if (q := storage.quantizer(model, n))}
+                shapes = {n: f.get_slice(n).get_shape() for n in quantizers}
             for n in names:
-                if len(shapes.get(n, ())) == 2:  # a matrix, read as int8 rows
-                    yield n, weights.int8_rows(shapes[n], lambda a, b: read_rows(path, n, a, b), device)
+                if len(shapes.get(n, ())) == 2:  # a matrix, quantized as it is read
+                    yield n, quantizers[n](shapes[n], lambda a, b: read_rows(path, n, a, b))
                     continue
                 with open_file(path) as f:
                     yield n, f.get_tensor(n)
@@ -163,14 +165,14 @@ def architecture(model_type: str):
 
 
 def load(model_files, dtype: str | None, quantize: int | None, device: torch.device) -> TorchRuntime:
-    if quantize and quantize != 8:
-        raise FermiError(f"{quantize}-bit weights are not supported by the torch backend (--quantize 8 is, on a CPU)")
+    if quantize and quantize not in (4, 8):
+        raise FermiError(f"{quantize}-bit weights are not supported by the torch backend (--quantize 8 and 4 are, on a CPU)")
     if quantize and device.type != "cpu":
-        raise FermiError("8-bit weights run on the CPU only in the torch backend (torch's int8 weight kernel)")
+        raise FermiError(f"{quantize}-bit weights run on the CPU only in the torch backend")
     if dtype not in DTYPES:
         raise FermiError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     if quantize and dtype != "float32":
-        raise FermiError(f"--quantize 8 computes in float32 on the torch backend, not {dtype}")
+        raise FermiError(f"--quantize {quantize} computes in float32 on the torch backend, not {dtype}")
     config = model_files.config
     # float16 on an x86 CPU: the weights are held in float16 and multiplied by fbgemm in
     # float32 (half the bytes of float32, its prefill speed); CPU float16 arithmetic is slow.
@@ -179,7 +181,8 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     with torch.device("meta"):
         model = architecture(config.model_type)(config)
         if quantize:
-            storage.hold(model, "int8")
+            how = held_as(model, quantize)
+            storage.hold(model, how)
         elif device.type == "cpu" and dtype == "float32":
             # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
             # Before loading: the weights are read in the layout it picks.
@@ -193,5 +196,23 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
     if half:
         storage.pack_half(model)
     storage.ready(model)
-    # The label users see (startup line, stats): int8 weights, float32 arithmetic around them.
-    return TorchRuntime(model, config, device, "int8" if quantize else dtype, compute)
+    # The label users see (startup line, stats): the weights' format, float32 arithmetic around them.
+    rt = TorchRuntime(model, config, device, LABELS[how] if quantize else dtype, compute)
+    if quantize:
+        rt.kernel = f"{weights.kernel_path()} kernels" if how != "int8" and weights.kernels else "torch kernels"
+    return rt
+
+
+LABELS = {"int8": "int8", "q8": "q8_0", "q4": "q4_0"}
+
+
+def held_as(model, quantize: int) -> str:
+    """--quantize 8|4 -> how the matrices are held (storage.hold): blocks of 32
+    (q8, q4) through the native kernels; int8 rows through torch's own kernel where the
+    kernels are not built (or a width is not a multiple of 32). 4 bits need blocks."""
+    fit = storage.blocks_fit(model)
+    if quantize == 8:
+        return "q8" if fit and weights.kernels else "int8"
+    if not fit:
+        raise FermiError("4-bit weights need every matrix's input width to be a multiple of 32")
+    return "q4"

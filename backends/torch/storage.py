@@ -8,8 +8,10 @@ the math. The kernels and the copies they load with are in weights.py.
 - Blocks, TableT (`hold(model, "blocks", parts)`, CPU float32): a few rows
   (decode) multiply as one batched matmul over `parts` blocks, one per core; a
   weight wider than deep (and a tied table) held as [in, out].
-- Int8Rows, Int8Table (`hold(model, "int8")`, CPU `--quantize 8`): int8 rows with
-  a bfloat16 scale each.
+- QBlocks, QTable (`hold(model, "q8"|"q4")`, CPU `--quantize 8|4`
+  with the native kernels): blocks of 32 weights with a float16 scale each.
+- Int8Rows, Int8Table (`hold(model, "int8")`, CPU `--quantize 8` without them):
+  int8 rows with a bfloat16 scale each.
 - Half (`pack_half(model)` once loaded in float16, x86 CPU): packed by fbgemm,
   multiplied in float32.
 
@@ -23,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .weights import (give_back_freed_memory, half_bytes, half_linear, int8_linear, linear, linear_t, pack_half as
-                      packed_half, stacked, transposed, weight_blocks)
+from .weights import (QK, block_linear, dequantized, give_back_freed_memory, half_bytes, half_linear, int8_linear,
+                      int8_rows, linear, linear_t, pack_half as packed_half, q4_blocks, q8_blocks, stacked, transposed,
+                      weight_blocks)
 
 HEAD_ROWS = 32768  # rows of a matrix packed at a time (Half): packing converts to float32 first
 
@@ -115,7 +118,7 @@ class Int8Rows(nn.Module):
     """int8 rows with a bfloat16 scale each (weights.int8_rows), multiplied by
     int8_linear. Its checkpoint matrices come as (int8, scale) rows."""
 
-    rows = True  # the loader quantizes its matrices as it reads them
+    quantize = staticmethod(int8_rows)  # the loader quantizes its matrices as it reads them
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -147,6 +150,43 @@ class Int8Table(Int8Rows):
 
     def as_linear(self, h: torch.Tensor) -> torch.Tensor:
         return int8_linear(h, self.weight, self.weight_scale)
+
+
+class QBlocks(nn.Module):
+    """Blocks of 32 weights along the input with a float16 scale each, on 8 bits
+    (weights.q8_blocks: llama.cpp's Q8_0) or 4 (q4_blocks: Q4_0), multiplied by
+    weights.block_linear (the native kernel at decode)."""
+
+    def __init__(self, linear: nn.Linear, bits: int):
+        super().__init__()
+        self._hold(linear.out_features, linear.in_features, bits)
+        self.bias = _bias(linear)
+
+    def _hold(self, n: int, k: int, bits: int) -> None:
+        self.bits, self.quantize = bits, q8_blocks if bits == 8 else q4_blocks  # (the loader's quantizer)
+        self.weight = _empty(n, k * bits // 8, dtype=torch.int8 if bits == 8 else torch.uint8)
+        self.weight_scale = _empty(n, k // QK, dtype=torch.float16)
+
+    take = Int8Rows.take
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return block_linear(x, self.bits, self.weight, self.weight_scale, self.bias)
+
+
+class QTable(QBlocks):
+    """The table in blocks: a lookup dequantizes the rows it reads."""
+
+    def __init__(self, table: Embedding, bits: int):
+        nn.Module.__init__(self)
+        self._hold(table.num_embeddings, table.embedding_dim, bits)
+        self.bias = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return dequantized(self.bits, self.weight[flat], self.weight_scale[flat]).view(*ids.shape, -1)
+
+    def as_linear(self, h: torch.Tensor) -> torch.Tensor:
+        return QBlocks.forward(self, h)
 
 
 class Half(nn.Module):
@@ -228,6 +268,16 @@ def hold(model: nn.Module, how: str, parts: int = 1) -> None:
     elif how == "int8":
         _swap(model, lambda m: Int8Rows(m) if isinstance(m, nn.Linear) else
               Int8Table(m) if isinstance(m, Embedding) else None)
+    elif how in ("q8", "q4"):  # (each matrix's input a multiple of 32: blocks_fit)
+        bits = int(how[1])
+        _swap(model, lambda m: QBlocks(m, bits) if isinstance(m, nn.Linear) else
+              QTable(m, bits) if isinstance(m, Embedding) else None)
+
+
+def blocks_fit(model: nn.Module) -> bool:
+    """Whether every matrix's input (and the table's width) is a multiple of 32, as blocks need."""
+    return all(m.in_features % QK == 0 for m in model.modules() if isinstance(m, nn.Linear)) and \
+        all(m.embedding_dim % QK == 0 for m in model.modules() if isinstance(m, Embedding))
 
 
 def ready(model: nn.Module) -> None:
@@ -289,15 +339,18 @@ def fused_target(model: nn.Module, name: str) -> tuple[str, str | None]:
     return name, None
 
 
-def reads_rows(model: nn.Module, name: str) -> bool:
-    """Whether the checkpoint matrix `name` goes to a layer held as int8 rows."""
+def quantizer(model: nn.Module, name: str):
+    """How the checkpoint matrix `name` is quantized as it is read (the `quantize` of
+    the layer that holds it: weights.int8_rows, q8_blocks, …), None for a float one."""
     target, _ = fused_target(model, name)
     prefix, _, kind = target.rpartition(".")
     try:
         layer = model.get_submodule(prefix)
     except AttributeError:  # (not a layer of this model: left to be reported as unexpected)
         layer = None
-    return kind == "weight" and getattr(layer, "rows", False) and not (name == "lm_head.weight" and tied(model))
+    if kind != "weight" or (name == "lm_head.weight" and tied(model)):
+        return None
+    return getattr(layer, "quantize", None)
 
 
 def checkpoint_state(model: nn.Module, tensors, dtype: torch.dtype | None = None) -> dict:

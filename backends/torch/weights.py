@@ -5,13 +5,18 @@ that make them at load.
   blocks of the weight (weight_blocks), one per core; the wide matrices held
   transposed (transposed).
 - float16 on an x86 CPU: packed by fbgemm, multiplied in float32 (pack_half).
-- int8 (`--quantize 8`, a CPU): rows with a bfloat16 scale each (int8_rows),
-  multiplied in bfloat16 (int8_linear).
+- 8 and 4 bits in blocks (`--quantize 8|4`, a CPU with the native kernels built):
+  blocks of 32 weights along the input with a float16 scale each, llama.cpp's Q8_0
+  and Q4_0 (q8_blocks, q4_blocks); a few rows (decode) go through kernels.c, which
+  quantizes the activations the same way and multiplies in integers (block_linear).
+- int8 rows (`--quantize 8` without the kernels: the pure-torch path): rows with a
+  bfloat16 scale each (int8_rows), multiplied in bfloat16 (int8_linear).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
@@ -142,4 +147,88 @@ def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias=None, blocks=None) ->
     y = _by_blocks(x, blocks)
     if y is None:
         y = torch.matmul(x, weight_t)
+    return y if bias is None else y + bias
+
+
+# ---------------------------------------------------------------- blocks (kernels.c)
+
+QK = 32  # weights a block (along the input), one float16 scale each
+KERNEL_ROWS = 16  # up to this many rows of x go through the kernel; more (a prefill) through a bfloat16 matmul
+
+
+def _native():
+    if os.environ.get("FERMI_KERNELS", "1") == "0":
+        return None
+    try:
+        from . import _kernels
+    except ImportError:  # not built (no compiler at install): the pure-torch paths
+        return None
+    return _kernels
+
+
+kernels = _native()
+
+
+def kernel_path() -> str | None:
+    """The native kernels' instruction set ("avx512-vnni", "avx2", "c"), None without them."""
+    return kernels.info()["path"] if kernels else None
+
+
+def _blocks(shape, read, quantize, cols) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = shape
+    q = torch.empty(n, cols, dtype=torch.uint8 if cols != k else torch.int8)
+    scale = torch.empty(n, k // QK, dtype=torch.float16)
+    for a in range(0, n, INT8_ROWS):
+        rows = read(a, a + INT8_ROWS).float()
+        q[a:a + INT8_ROWS], scale[a:a + INT8_ROWS] = quantize(rows.reshape(rows.shape[0], k // QK, QK))
+    return q, scale
+
+
+def _q8(b: torch.Tensor):
+    s = (b.abs().amax(-1) / 127).half()  # the scale the kernel reads
+    inv = torch.where(s > 0, 1 / s.float(), 0)
+    return (b * inv[..., None]).round_().clamp_(-127, 127).to(torch.int8).flatten(1), s
+
+
+def _q4(b: torch.Tensor):
+    big = b.gather(-1, b.abs().argmax(-1, keepdim=True))[..., 0]  # the largest magnitude, signed: it maps to -8
+    s = (big / -8).half()
+    inv = torch.where(s != 0, 1 / s.float(), 0)
+    q = (b * inv[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # stored as q + 8
+    return (q[..., :QK // 2] | (q[..., QK // 2:] << 4)).flatten(1), s
+
+
+def q8_blocks(shape, read):
+    """A float weight of `shape` [out, in] (rows [a, b) from read(a, b)) -> (int8 [out,
+    in], float16 [out, in/32]): each block of 32 on 255 levels of its own scale."""
+    return _blocks(shape, read, _q8, shape[1])
+
+
+def q4_blocks(shape, read):
+    """The same on 16 levels, -8..7 (llama.cpp's Q4_0): (uint8 [out, in/2], float16
+    [out, in/32]); byte j of a block holds weights j (low nibble) and j+16, each + 8."""
+    return _blocks(shape, read, _q4, shape[1] // 2)
+
+
+def dequantized(bits: int, q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    n, nb = scale.shape
+    if bits == 4:
+        q = torch.cat([q.view(n, nb, QK // 2) & 15, q.view(n, nb, QK // 2) >> 4], -1).to(dtype) - 8
+    return (q.view(n, nb, QK).to(dtype) * scale[..., None].to(dtype)).view(n, nb * QK)
+
+
+def block_linear(x: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """x times a weight in blocks (q8_blocks / q4_blocks): up to KERNEL_ROWS rows by the
+    native kernel (float32 out), else (or without the kernels) a bfloat16 matmul of the
+    weight dequantized. Returns x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, n = x2.shape[0], scale.shape[0]
+    if kernels is not None and m <= KERNEL_ROWS:
+        x2 = x2.float().contiguous()
+        y = torch.empty(m, n)
+        (kernels.q8_linear if bits == 8 else kernels.q4_linear)(
+            y.data_ptr(), x2.data_ptr(), q.data_ptr(), scale.data_ptr(), m, n, x2.shape[1])
+    else:
+        y = F.linear(x2.to(torch.bfloat16), dequantized(bits, q, scale, torch.bfloat16)).float()
+    y = y.view(*x.shape[:-1], n).to(x.dtype)
     return y if bias is None else y + bias
