@@ -290,8 +290,8 @@ static int matmul(int bits, float *y, const float *x, const uint8_t *w, const ui
     int8_t *q = malloc((size_t)m * k);
     float *s = malloc((size_t)m * nb * sizeof(float));
     float *sx = spread ? malloc((size_t)m * k / 4 * sizeof(float)) : NULL;
-    int32_t *c = spread ? malloc((size_t)m * k / 4 * sizeof(int32_t)) : NULL;
-    if (!q || !s || (spread && (!sx || !c))) {
+    int32_t *c = spread && bits == 4 ? malloc((size_t)m * k / 4 * sizeof(int32_t)) : NULL; /* (q4's only) */
+    if (!q || !s || (spread && !sx) || (spread && bits == 4 && !c)) {
         free(q), free(s), free(sx), free(c);
         return -1;
     }
@@ -300,13 +300,13 @@ static int matmul(int bits, float *y, const float *x, const uint8_t *w, const ui
         for (size_t j = 0; j < (size_t)m * k / 4; j++) {
             const int8_t *four = q + 4 * j;
             sx[j] = s[j / 8];
-            c[j] = -8 * (four[0] + four[1] + four[2] + four[3]);
+            if (c) c[j] = -8 * (four[0] + four[1] + four[2] + four[3]);
         }
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < n; r++) {
         for (int i = 0; i < m; i += tile) {
-            X part = {q + (size_t)i * k, s + (size_t)i * nb, spread ? sx + (size_t)i * k / 4 : NULL,
-                      spread ? c + (size_t)i * k / 4 : NULL, k};
+            X part = {q + (size_t)i * k, s + (size_t)i * nb, sx ? sx + (size_t)i * k / 4 : NULL,
+                      c ? c + (size_t)i * k / 4 : NULL, k};
             dot(m - i < tile ? m - i : tile, nb, w + (size_t)r * row_bytes, ws + (size_t)r * nb, &part,
                 y + (size_t)i * n + r, n);
         }

@@ -344,13 +344,12 @@ def quantizer(model: nn.Module, name: str):
     the layer that holds it: weights.int8_rows, q8_blocks, …), None for a float one."""
     target, _ = fused_target(model, name)
     prefix, _, kind = target.rpartition(".")
-    try:
-        layer = model.get_submodule(prefix)
-    except AttributeError:  # (not a layer of this model: left to be reported as unexpected)
-        layer = None
     if kind != "weight" or (name == "lm_head.weight" and tied(model)):
         return None
-    return getattr(layer, "quantize", None)
+    try:
+        return getattr(model.get_submodule(prefix), "quantize", None)
+    except AttributeError:  # (not a layer of this model: left to be reported as unexpected)
+        return None
 
 
 def checkpoint_state(model: nn.Module, tensors, dtype: torch.dtype | None = None) -> dict:

@@ -82,20 +82,28 @@ def half_linear(x: torch.Tensor, packed) -> torch.Tensor:
 INT8_ROWS = 4096  # rows quantized at a time (int8_rows): a few MiB of float32 temporaries
 
 
+def quantized_rows(read, quantize, q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and scale filled INT8_ROWS rows at a time: quantize(rows in float32) gives
+    those rows' (q, scale). The float32 work stays small (and a reader may map its
+    file for one block only: runtime.load_weights)."""
+    for a in range(0, q.shape[0], INT8_ROWS):
+        q[a:a + INT8_ROWS], scale[a:a + INT8_ROWS] = quantize(read(a, a + INT8_ROWS).float())
+    return q, scale
+
+
+def _int8(rows: torch.Tensor):
+    # (rows: the weight itself when float32: not written to)
+    s = rows.abs().amax(1).clamp(min=1e-12).div_(127).bfloat16()  # the scale the kernel will use
+    return (rows / s.float()[:, None]).round_().clamp_(-127, 127), s
+
+
 def int8_rows(shape, read, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A float weight of `shape` [out, in], whose rows [a, b) `read(a, b)` returns,
     -> (int8 [out, in], bfloat16 [out]): each row rounded to 255 levels of its own
-    scale (its largest magnitude is 127), as torch._weight_int8pack_mm reads them.
-    Read and quantized INT8_ROWS rows at a time: the float32 work stays small (and
-    a reader may map its file for one block only: runtime.load_weights)."""
-    q = torch.empty(shape, dtype=torch.int8, device=device)
-    scale = torch.empty(shape[0], dtype=torch.bfloat16, device=device)
-    for a in range(0, shape[0], INT8_ROWS):
-        rows = read(a, a + INT8_ROWS).float()  # the weight itself when float32: not written to
-        s = rows.abs().amax(1).clamp(min=1e-12).div_(127).bfloat16()  # the scale the kernel will use
-        q[a:a + INT8_ROWS] = (rows / s.float()[:, None]).round_().clamp_(-127, 127)
-        scale[a:a + INT8_ROWS] = s
-    return q, scale
+    scale (its largest magnitude is 127), as torch._weight_int8pack_mm reads them
+    (quantized_rows: INT8_ROWS rows at a time)."""
+    return quantized_rows(read, _int8, torch.empty(shape, dtype=torch.int8, device=device),
+                          torch.empty(shape[0], dtype=torch.bfloat16, device=device))
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
@@ -176,12 +184,9 @@ def kernel_path() -> str | None:
 
 def _blocks(shape, read, quantize, cols) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = shape
-    q = torch.empty(n, cols, dtype=torch.uint8 if cols != k else torch.int8)
-    scale = torch.empty(n, k // QK, dtype=torch.float16)
-    for a in range(0, n, INT8_ROWS):
-        rows = read(a, a + INT8_ROWS).float()
-        q[a:a + INT8_ROWS], scale[a:a + INT8_ROWS] = quantize(rows.reshape(rows.shape[0], k // QK, QK))
-    return q, scale
+    return quantized_rows(read, lambda rows: quantize(rows.reshape(rows.shape[0], k // QK, QK)),
+                          torch.empty(n, cols, dtype=torch.uint8 if cols != k else torch.int8),
+                          torch.empty(n, k // QK, dtype=torch.float16))
 
 
 def _q8(b: torch.Tensor):
