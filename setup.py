@@ -9,5 +9,5 @@ from setuptools import Extension, setup
 openmp = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]  # (Apple's clang has no OpenMP)
 setup(ext_modules=[Extension(
     "fermi.backends.torch._kernels", ["backends/torch/kernels.c"],
-    extra_compile_args=["-O3", *openmp], extra_link_args=openmp, optional=True,
+    extra_compile_args=["-O3", "-fno-math-errno", *openmp], extra_link_args=openmp, optional=True,
 )])

@@ -2,7 +2,7 @@
 a prose text (workloads.PROSE, ~300 positions) one decode step a token, the share of positions whose top-1
 token is float32's and the mean next-token KL divergence from float32.
 
-    python -m bench.accuracy                          # SmolLM2: q8_0, q4_0, int8 rows, float16, bfloat16
+    python -m bench.accuracy                          # SmolLM2: its GGUF's blocks, q8_0, q4_0, int8 rows, float16, bfloat16
     python -m bench.accuracy --model qwen0.5b --configs q8_0,q4_0
 """
 
@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 
 CONFIGS = {  # name -> (load options, native kernels)
-    "q8_0": ({"quantize": 8}, True),
-    "q4_0": ({"quantize": 4}, True),
-    "int8": ({"quantize": 8}, False),  # int8 rows: the path without the native kernels
+    "gguf": ({"quantize": None}, True),  # a GGUF's own blocks (the default on a CPU)
+    "q8_0": ({"quantize": 8, "blocks": False}, True),  # the float32 conversion rounded
+    "q4_0": ({"quantize": 4, "blocks": False}, True),
+    "int8": ({"quantize": 8, "blocks": False}, False),  # int8 rows: the path without the native kernels
     "float16": ({"dtype": "float16"}, True),
     "bfloat16": ({"dtype": "bfloat16"}, True),
 }
@@ -38,7 +39,7 @@ def main(argv=None) -> None:
     def log_probs(**load):
         """Each position's next-token log-probabilities, the text fed one token a step
         (decode: the path, and the kernels, generation runs)."""
-        rt = backend.load(files, **{"dtype": "float32", **load})
+        rt = backend.load(files, **{"dtype": "float32", "quantize": 0, **load})
         ids = files.tokenizer.encode(PROSE)
         cache = rt.new_cache()
         rows = [rt.prefill(ids[:1], cache)] + [rt.decode([t], cache, [0])[0] for t in ids[1:-1]]

@@ -131,8 +131,8 @@ class Fermi(Adapter):
         try:
             model = sources.resolve(spec["path"])
             # A GGUF's quantized tensors stay as they are under quantize=4|8; to compare
-            # with mlx-lm, quantize the float32 conversion, as it does.
-            blocks = False if self.backend == "mlx" and self.quantize else None
+            # with mlx-lm (and for torch's q8_0 / q4_0), quantize the float32 conversion.
+            blocks = False if self.quantize else None
             runtime = module.load(model, dtype=self.dtype, quantize=self.quantize, blocks=blocks)
             if self.backend == "torch":
                 runtime.cuda_graphs = runtime.cuda_graphs and self.graphs
@@ -473,10 +473,13 @@ def _fermi(name, backend, dtype, quantize, graphs=True, kernels=True):
 
 ENGINES = {
     # fermi, each backend and dtype. dtype None = the backend's default (CPU: float32).
-    "fermi-torch-f32": _fermi("fermi-torch-f32", "torch", "float32", None),
-    "fermi-torch-f16": _fermi("fermi-torch-f16", "torch", "float16", None),  # CPU: fp16 weights, fp32 math
-    "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", None),
-    "fermi-torch-bf16-eager": _fermi("fermi-torch-bf16-eager", "torch", "bfloat16", None, graphs=False),  # no CUDA graphs
+    # torch: quantize=0 dequantizes a GGUF; 8/4 round the float32 conversion; "gguf"
+    # keeps the file's own blocks (fermi's default on a CPU).
+    "fermi-torch-f32": _fermi("fermi-torch-f32", "torch", "float32", 0),
+    "fermi-torch-f16": _fermi("fermi-torch-f16", "torch", "float16", 0),  # CPU: fp16 weights, fp32 math
+    "fermi-torch-bf16": _fermi("fermi-torch-bf16", "torch", "bfloat16", 0),
+    "fermi-torch-bf16-eager": _fermi("fermi-torch-bf16-eager", "torch", "bfloat16", 0, graphs=False),  # no CUDA graphs
+    "fermi-torch-gguf": _fermi("fermi-torch-gguf", "torch", None, None),  # the GGUF's blocks, native kernels
     "fermi-torch-int8": _fermi("fermi-torch-int8", "torch", None, 8),  # q8_0 blocks, native kernels
     "fermi-torch-int8-torch": _fermi("fermi-torch-int8-torch", "torch", None, 8, kernels=False),  # int8 rows, no kernels
     "fermi-torch-int4": _fermi("fermi-torch-int4", "torch", None, 4),  # q4_0 blocks, native kernels

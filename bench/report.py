@@ -104,15 +104,15 @@ def _targets(out: dict, ok: dict) -> list[dict]:
     m = need("fermi-torch-f32") or (None if f32.get("roofline") is not None else "the bandwidth probe")
     row("torch f32 decode ≥ 80% of roofline", None if m else f"{f32['roofline']:.0%}",
         not m and f32["roofline"] >= 0.8, m)
-    low = [ok[n] for n in ("fermi-torch-int8", "fermi-torch-int4") if n in ok]
+    low = [ok[n] for n in ("fermi-torch-gguf", "fermi-torch-int8", "fermi-torch-int4") if n in ok]
     best_d = max(low, key=lambda r: r["decode_tps"]) if low else None
     best_p = max(low, key=lambda r: r["prefill_tps"]) if low else None
     lc = ok.get("llama.cpp")
-    m = need("llama.cpp") or (None if low else "fermi-torch-int8/int4")
-    row("torch int8 (or lower) decode ≥ llama.cpp",
+    m = need("llama.cpp") or (None if low else "fermi-torch-gguf/int8/int4")
+    row("torch quantized (best) decode ≥ llama.cpp",
         None if m else f"{best_d['decode_tps'] / lc['decode_tps']:.2f}× ({best_d['engine']})",
         not m and best_d["decode_tps"] >= lc["decode_tps"], m)
-    row("torch int8 (or lower) prefill ≥ 2× llama.cpp",
+    row("torch quantized (best) prefill ≥ 2× llama.cpp",
         None if m else f"{best_p['prefill_tps'] / lc['prefill_tps']:.2f}× ({best_p['engine']})",
         not m and best_p["prefill_tps"] >= 2 * lc["prefill_tps"], m)
     for mine, peer in SAME_PRECISION.items():

@@ -7,9 +7,10 @@ from fermi.engine import Engine
 
 
 @lru_cache(maxsize=None)
-def engine(backend: str, spec: str = "smollm2-135m", dtype: str = "float32", quantize: int | None = None) -> Engine:
+def engine(backend: str, spec: str = "smollm2-135m", dtype: str = "float32", quantize: int | None = None,
+           blocks: bool | None = None) -> Engine:
     model = sources.resolve(spec)
-    return Engine(model, backends.get(backend).load(model, dtype=dtype, quantize=quantize))
+    return Engine(model, backends.get(backend).load(model, dtype=dtype, quantize=quantize, blocks=blocks))
 
 
 def chat(eng: Engine, messages, thinking="auto", max_new_tokens=32, stop=None, core=None, **sampling) -> list:

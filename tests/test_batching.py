@@ -13,7 +13,7 @@ from fermi.sampling import SamplingParams
 from fermi.serving import Done, Request, Scheduler
 from models import engine
 
-QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain.",
+QUESTIONS = ["Name the capital of France.", "Name three colours.", "Write a haiku about rain.",
              "What is 2 + 2?", "Tell me a fact about cats.", "Say hello in Spanish.",
              "Why is the sky blue? Answer in one sentence.", "List the first five prime numbers."]
 

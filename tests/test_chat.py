@@ -22,7 +22,7 @@ from models import engine
 
 # The REPL is backend-agnostic: one backend is enough here (the engine tests cover both).
 BACKEND = "torch" if "torch" in BACKENDS else BACKENDS[0]
-CAPITAL = "What is the capital of France?"
+CAPITAL = "Name the capital of France."
 
 
 class Spy:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import shutil
 import time
@@ -236,8 +237,12 @@ def test_convert_second_call_is_cache_hit(smol, smol_converted):
 
 def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     """`fermi run` on a cached model does not parse the GGUF's metadata again (a
-    second per start on a large vocabulary); replacing the file parses it anew."""
-    import fermi.gguf.convert
+    second per start on a large vocabulary), nor import the gguf package (0.2 s of a
+    start); replacing the file parses it anew."""
+    import subprocess
+    import sys
+
+    import fermi.gguf.reader
     from fermi import sources
 
     monkeypatch.setenv("FERMI_CACHE", str(tmp_path / "cache"))
@@ -249,8 +254,13 @@ def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch)
         raise AssertionError("parsed again")
 
     with monkeypatch.context() as m:
-        m.setattr(fermi.gguf.convert, "open_gguf", parse)  # where describe() looks it up
+        m.setattr(fermi.gguf.reader, "open_gguf", parse)  # where describe() looks it up
         again = sources.from_gguf(path)
+    code = ("import sys; from pathlib import Path; from fermi import sources; "
+            f"sources.from_gguf(Path({str(path)!r})); print('gguf' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FERMI_CACHE": str(tmp_path / "cache")}).stdout
+    assert out.strip() == "False"
     assert (again.config, again.chat_template) == (first.config, first.chat_template)
     t1, t2 = first.tokenizer, again.tokenizer
     assert (t2.eos_ids, t2.bos_token, t2.eos_token, t2.pad_token) == (t1.eos_ids, t1.bos_token, t1.eos_token, t1.pad_token)
@@ -259,7 +269,7 @@ def test_metadata_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch)
 
     path.touch()  # a new key: the stale summary is not used
     with monkeypatch.context() as m:
-        m.setattr(fermi.gguf.convert, "open_gguf", parse)  # where describe() looks it up
+        m.setattr(fermi.gguf.reader, "open_gguf", parse)
         with pytest.raises(AssertionError, match="parsed again"):
             sources.from_gguf(path)
 

@@ -173,13 +173,13 @@ def test_thinking_comes_as_reasoning_pieces_then_content(stub, client):
 
 
 def test_a_session_keeps_the_conversation_and_its_cache(stub, client):
-    first, session_id, one, _ = generate(stub, "What is the capital of France?", system="Be brief.")
+    first, session_id, one, _ = generate(stub, "Name the capital of France.", system="Be brief.")
     second, same, two, _ = generate(stub, "And of Italy?", session_id=session_id)
     info = stub.ResetSession(pb.SessionRequest(session_id=session_id), metadata=AUTH)
-    again, _, three, _ = generate(stub, "What is the capital of France?", session_id=session_id)
+    again, _, three, _ = generate(stub, "Name the capital of France.", session_id=session_id)
     assert same == session_id
     assert two.usage.cached_tokens >= one.usage.prompt_tokens  # the whole first turn was reused
-    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"},
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name the capital of France."},
                {"role": "assistant", "content": first}, {"role": "user", "content": "And of Italy?"}]
     assert (second, two.usage.prompt_tokens) == (lambda a, u: (a, u.prompt_tokens))(*http_answer(client, history))
     assert (info.session_id, info.messages, info.model) == (session_id, 4, MODEL)  # two turns forgotten
@@ -344,7 +344,7 @@ def test_the_gradio_demo_streams_answers_and_resets_its_session(server, tmp_path
             except httpx.TransportError:
                 time.sleep(0.2)
         page = Client(url, verbose=False)
-        job = page.submit("What is the capital of France?", [], "off", api_name="/send")
+        job = page.submit("Name the capital of France.", [], "off", api_name="/send")
         updates = list(job)
         box, chat, usage = updates[-1]
         answer = chat[-1]["content"][0]["text"]
@@ -358,7 +358,7 @@ def test_the_gradio_demo_streams_answers_and_resets_its_session(server, tmp_path
         assert usage.endswith(session) and cached >= first_prompt  # the same session, its cache reused
         chat, usage = page.predict(api_name="/reset")
         assert chat == [] and usage == "new session"
-        _, chat, usage = page.predict("What is the capital of France?", [], "off", api_name="/send")
+        _, chat, usage = page.predict("Name the capital of France.", [], "off", api_name="/send")
         assert not usage.endswith(session) and chat[-1]["content"][0]["text"]  # a new session answers
     finally:
         demo.terminate()

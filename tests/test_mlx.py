@@ -14,8 +14,6 @@ mx = pytest.importorskip("mlx.core")
 import gguf  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from gguf.quants import dequantize, quantize  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 from fermi.backends import mlx as backend  # noqa: E402
 from fermi.errors import ContextOverflow  # noqa: E402
@@ -145,56 +143,6 @@ def test_quantize_leaves_a_checkpoint_saved_quantized_alone(tinies, tmp_path, gr
 
 # ---------------------------------------------------------------- GGUF, small and synthetic
 
-def to_gguf_name(hf: str) -> str:
-    from fermi.gguf import _LAYER, _TOP
-
-    base, _, kind = hf.rpartition(".")
-    if base.startswith("model.layers."):
-        _, _, n, part = base.split(".", 3)
-        return f"blk.{n}.{ {v: k for k, v in _LAYER.items()}[part]}.{kind}"
-    return f"{ {v: k for k, v in _TOP.items()}[base]}.{kind}"
-
-
-def write_gguf(model: tiny.Tiny, path, types) -> ModelFiles:
-    """The tiny llama as llama.cpp would write it (Q/K rows permuted for its
-    interleaved RoPE), 2-D tensors in types[i % len(types)] (K-quants as random
-    blocks: the gguf package cannot make them); returns ModelFiles whose
-    weight_files() hold what gguf's own dequantizer makes of it (the expectation)."""
-    cfg = model.files.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    expected = {}
-    rng = np.random.default_rng(0)
-    for i, (name, p) in enumerate(model.hf.state_dict().items()):
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        w = p.float().numpy()
-        n = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(name.split(".")[-2])
-        g = w.reshape(n, 2, -1, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if n else w
-        kind = types[i % len(types)] if w.ndim == 2 else T.F32
-        if kind.name.endswith("_K"):
-            data = tiny.gguf_blocks(*w.shape, kind, rng)
-        else:
-            data = quantize(g, kind) if kind != T.F32 else g
-        writer.add_tensor(to_gguf_name(name), data, raw_dtype=kind)
-        back = dequantize(data, kind).reshape(w.shape).astype(np.float32)
-        # undo the permutation: [n, half, 2] rows back to [n, 2, half]
-        expected[name] = back.reshape(n, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if n else back
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    save_file({k: np.ascontiguousarray(v) for k, v in expected.items()}, str(path) + ".safetensors")
-    return ModelFiles(name=path.name, path=path, config=cfg, tokenizer=None, chat_template=None,
-                      gguf=path, _weights=[path.parent / (path.name + ".safetensors")])
-
-
 @pytest.fixture(scope="module")
 def llama256(tmp_path_factory):
     """The tiny llama with rows of 256, the K-quants' block."""
@@ -214,7 +162,7 @@ def test_gguf_loads_quantized_and_exact(tinies, llama256, tmp_path, types, monke
     monkeypatch.setenv("FERMI_CACHE", str(tmp_path / "cache"))
     model = llama256 if any(t.name.endswith("_K") for t in types) else tinies["llama"]
     # llama: the Q/K permutation; biases; tied embeddings
-    files = write_gguf(model, tmp_path / "tiny.gguf", types)
+    files = tiny.write_gguf(model, tmp_path / "tiny.gguf", types)
     quant = backend.load(files, dtype="float32")  # GGUF: quantized by default
     floats = ModelFiles(files.name, files.path, files.config, None, None, _weights=files.weight_files())
     expected = backend.load(floats, dtype="float32")  # what gguf's dequantizer makes of the file

@@ -317,8 +317,8 @@ def test_torch_half_precision_follows_reference(model, dtype, tol):
 def test_torch_quantized_follows_reference(model, bits, native, monkeypatch):
     """torch --quantize 8|4 on a CPU: every matrix and the embedding held in blocks of
     32 (the native kernels at decode, activations quantized per block too), or without
-    the kernels as int8 rows (torch's int8 kernel at decode); a dequantized bfloat16
-    matmul at prefill. Against transformers with its weights rounded the same way,
+    the kernels as int8 rows (torch's int8 kernel at decode, a dequantized bfloat16
+    matmul at prefill). Against transformers with its weights rounded the same way,
     errors relative to the logit scale."""
     import copy
 
@@ -339,8 +339,8 @@ def test_torch_quantized_follows_reference(model, bits, native, monkeypatch):
     assert rt.weight_bytes < 0.35 * full.weight_bytes  # the norms and biases stay float32
     ids = tokens(40, seed=5)
     cache = rt.new_cache()
-    got = [rt.to_numpy(rt.prefill(ids[:20], cache))]  # 20 rows: the dequantized matmul
-    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]  # one row: the kernel
+    got = [rt.to_numpy(rt.prefill(ids[:20], cache))]  # 20 rows (int8 rows: the dequantized matmul)
+    got += [rt.to_numpy(rt.decode([t], cache, [0])[0]) for t in ids[20:]]  # one row
     rounded = copy.deepcopy(model.hf)  # (the tiny Gemma moves 14% of its logit scale by int8 rows alone)
     with torch.no_grad():
         for p in rounded.parameters():
@@ -353,6 +353,51 @@ def test_torch_quantized_follows_reference(model, bits, native, monkeypatch):
                         p.shape, lambda a, b: p[a:b])))
         ref = rounded(torch.tensor([ids])).logits[0].numpy()[19:]
     assert np.abs(np.array(got) - ref).max() <= 8e-2 * np.abs(ref).max()  # bfloat16's bound
+
+
+def test_torch_cpu_decode_runs_the_fused_step(model):
+    """On a CPU with the native kernels, decode steps run fused.Step (five calls a
+    layer), so the decode tests above check its math against transformers; gemma3's
+    block is its own and runs the modules."""
+    import torch
+
+    from fermi.backends.torch import weights
+
+    if torch.cuda.is_available() or weights.kernels is None:
+        pytest.skip("the fused step runs on a CPU with the native kernels")
+    for load in ({}, {"quantize": 8}, {"quantize": 4}):
+        rt = tiny.backend_module("torch").load(model.files, dtype="float32", **load)
+        assert (rt.fused is None) == (model.arch == "gemma3")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torch_quantized_batched_decode_equals_each_alone(model, bits):
+    """Each row of a batched decode step is quantized and multiplied on its own:
+    rows at different positions give the logits each gives alone, exactly in the fused
+    step (gemma3's modules: within float32 rounding, attention's masked and unmasked
+    paths differ in it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("quantized weights run on the CPU only")
+    rt = tiny.backend_module("torch").load(model.files, dtype="float32", quantize=bits)
+    lengths, slots = (9, 17, 4), (2, 0, 1)
+    seqs = [tokens(n + 5, seed=20 + n) for n in lengths]
+    alone = []
+    for seq, n in zip(seqs, lengths):
+        c = rt.new_cache()
+        rt.prefill(seq[:n], c)
+        alone.append([rt.to_numpy(rt.decode([t], c, [0])[0]) for t in seq[n:]])
+    cache = rt.new_cache(batch=3)
+    for seq, n, slot in zip(seqs, lengths, slots):
+        rt.prefill(seq[:n], cache, slot)
+    for step in range(5):
+        logits = rt.to_numpy(rt.decode([seq[n + step] for seq, n in zip(seqs, lengths)], cache, list(slots)))
+        for row in range(3):
+            if rt.fused is not None:
+                assert np.array_equal(logits[row], alone[row][step])
+            else:
+                assert np.abs(logits[row] - alone[row][step]).max() <= TOL
 
 
 def test_torch_int8_rows_round_to_their_scale():
@@ -372,11 +417,6 @@ def test_torch_int8_rows_round_to_their_scale():
         mp.setattr(weights, "INT8_ROWS", 8)
         q8, scale8 = weights.int8_rows(w.shape, lambda a, b: w[a:b])
     assert torch.equal(q8, q) and torch.equal(scale8, scale)
-
-
-def test_torch_keeping_quantized_blocks_is_one_clear_error(model):
-    with pytest.raises(FermiError, match="keeping the blocks as they are is the MLX backend's"):
-        tiny.backend_module("torch").load(model.files, dtype="float32", blocks=True)
 
 
 def test_torch_quantize_other_than_8_is_one_clear_error(model):

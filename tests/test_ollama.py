@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from server_util import MODEL, QWEN3_STYLE, Server
 
-ASK = [{"role": "user", "content": "What is the capital of France?"}]
+ASK = [{"role": "user", "content": "Name the capital of France."}]
 GREEDY = {"temperature": 0, "num_predict": 12}
 
 
@@ -45,7 +45,7 @@ def test_think_puts_the_reasoning_in_message_thinking(client):
 
 
 def test_generate_with_the_template_and_raw(client):
-    g = client.generate(model=MODEL, prompt="What is the capital of France?", think=False, options=GREEDY)
+    g = client.generate(model=MODEL, prompt="Name the capital of France.", think=False, options=GREEDY)
     assert g.done and g.response
     raw = client.generate(model=MODEL, prompt="The capital of France is", raw=True, options=GREEDY)
     streamed = "".join(c.response for c in client.generate(model=MODEL, prompt="The capital of France is", raw=True,

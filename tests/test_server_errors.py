@@ -16,7 +16,7 @@ import pytest
 from server_util import MODEL, Server
 
 KEY = "s3cret-key"
-HI = [{"role": "user", "content": "What is the capital of France?"}]
+HI = [{"role": "user", "content": "Name the capital of France."}]
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def test_json_schema_answers_validate_streamed_and_whole(client, seed):
 
 
 def test_json_object_answers_parse(client):
-    r = create(client, messages=[{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+    r = create(client, messages=[{"role": "user", "content": "Name the capital of France. Answer in JSON."}],
                response_format={"type": "json_object"}, max_tokens=300)
     assert r.choices[0].finish_reason == "stop"  # (an answer cut off by max_tokens is cut off)
     assert isinstance(json.loads(r.choices[0].message.content), dict)

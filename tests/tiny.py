@@ -145,3 +145,58 @@ def gguf_blocks(rows: int, cols: int, kind, rng: np.random.Generator) -> np.ndar
         if name.endswith("_1"):
             raw[:, 2:4] = half(-0.15, -0.05)
     return raw.reshape(rows, cols // block * size)
+
+
+def to_gguf_name(hf: str) -> str:
+    from fermi.gguf import _LAYER, _TOP
+
+    base, _, kind = hf.rpartition(".")
+    if base.startswith("model.layers."):
+        _, _, n, part = base.split(".", 3)
+        return f"blk.{n}.{ {v: k for k, v in _LAYER.items()}[part]}.{kind}"
+    return f"{ {v: k for k, v in _TOP.items()}[base]}.{kind}"
+
+
+def write_gguf(model: Tiny, path, types) -> ModelFiles:
+    """The tiny llama as llama.cpp would write it (Q/K rows permuted for its
+    interleaved RoPE), 2-D tensors in types[i % len(types)] (K-quants as random
+    blocks: the gguf package cannot make them); returns ModelFiles whose
+    weight_files() hold what gguf's own dequantizer makes of it (the expectation)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+    from safetensors.numpy import save_file
+
+    T = gguf.GGMLQuantizationType
+    cfg = model.files.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    expected = {}
+    rng = np.random.default_rng(0)
+    for i, (name, p) in enumerate(model.hf.state_dict().items()):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        w = p.float().numpy()
+        n = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}.get(name.split(".")[-2])
+        g = w.reshape(n, 2, -1, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if n else w
+        kind = types[i % len(types)] if w.ndim == 2 else T.F32
+        if kind.name.endswith("_K"):
+            data = gguf_blocks(*w.shape, kind, rng)
+        else:
+            data = quantize(g, kind) if kind != T.F32 else g
+        writer.add_tensor(to_gguf_name(name), data, raw_dtype=kind)
+        back = dequantize(data, kind).reshape(w.shape).astype(np.float32)
+        # undo the permutation: [n, half, 2] rows back to [n, 2, half]
+        expected[name] = back.reshape(n, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape) if n else back
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    save_file({k: np.ascontiguousarray(v) for k, v in expected.items()}, str(path) + ".safetensors")
+    return ModelFiles(name=path.name, path=path, config=cfg, tokenizer=None, chat_template=None,
+                      gguf=path, _weights=[path.parent / (path.name + ".safetensors")])

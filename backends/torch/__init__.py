@@ -15,8 +15,6 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402  (absolute import: PyTorch, not this package)
 
-from fermi.errors import FermiError  # noqa: E402
-
 from .runtime import TorchRuntime
 from .runtime import load as _load
 from .sampler import make_sampler
@@ -42,9 +40,6 @@ def device_name() -> str:
 
 def load(model, dtype: str | None = None, quantize: int | None = None, blocks: bool | None = None) -> TorchRuntime:
     """Weights of `model` (a fermi.sources.ModelFiles) on this backend's device. A
-    GGUF's quantized blocks are dequantized (blocks=True is refused: keeping them is
-    the MLX backend's)."""
-    if blocks:
-        raise FermiError("the torch backend dequantizes a GGUF's quantized blocks (--quantize 8 then rounds the "
-                         "weights to int8 rows); keeping the blocks as they are is the MLX backend's")
-    return _load(model, dtype or default_dtype(), quantize, _device())
+    GGUF's quantized blocks are kept on a CPU with the native kernels (blocks=None:
+    unless quantize is 0; see runtime.load), dequantized elsewhere."""
+    return _load(model, dtype or default_dtype(), quantize, _device(), blocks)

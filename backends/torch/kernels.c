@@ -6,6 +6,9 @@
  *   q8: int8 [n, k] weights, scales [n, k/32]
  *   q4: [n, k/2] bytes, byte j of a block holds weights j (low nibble) and j+16
  *       (high nibble) of it, each stored as q+8 for q in [-8, 7]; scales [n, k/32]
+ *   q4 with mins (a GGUF's Q4_1 and Q4_K blocks, kept as they are): the same nibbles
+ *       q in [0, 15], weight = scale * q + min, mins [n, k/32] float16 too; the
+ *       product is q4's (q - 8) plus, each block, (min + 8 scale) times the sum of x
  *
  * One path is chosen when the module loads: AVX-512 VNNI, AVX2, or plain C (which
  * the compiler vectorizes for the machine it builds on, NEON on ARM). Outputs are
@@ -257,22 +260,55 @@ DOT_VNNI(dot_q4_vnni, 4,
          _mm512_dpbusd_epi32(_mm512_loadu_si512(x->c + (size_t)i * (x->k / 4) + b * 8), nib, xv))
 #endif
 
+/* ------------------------------------------------------------------ mins (q4 with mins) */
+
+/* t[i] += sum over blocks b of (mins[b] + 8 ws[b]) * sums[i, b], for i < m: a block's
+   min times the sum of its x (sums: each block's quantized x summed, times its scale) */
+typedef void (*mins_fn)(int m, int nb, const uint16_t *mins, const uint16_t *ws, const float *sums, float *t);
+
+static void mins_c(int m, int nb, const uint16_t *mins, const uint16_t *ws, const float *sums, float *t) {
+    for (int i = 0; i < m; i++) {
+        float r = 0.0f;
+        for (int b = 0; b < nb; b++) r += (half_to_float(mins[b]) + 8.0f * half_to_float(ws[b])) * sums[(size_t)i * nb + b];
+        t[i] += r;
+    }
+}
+
+#ifdef FERMI_X86
+AVX2 static void mins_avx2(int m, int nb, const uint16_t *mins, const uint16_t *ws, const float *sums, float *t) {
+    for (int i = 0; i < m; i++) {
+        const float *si = sums + (size_t)i * nb;
+        __m256 acc = _mm256_setzero_ps();
+        int b = 0;
+        for (; b + 8 <= nb; b += 8) {
+            __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mins + b)));
+            __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ws + b)));
+            acc = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(8.0f), sc, mn), _mm256_loadu_ps(si + b), acc);
+        }
+        float r = hsum256(acc);
+        for (; b < nb; b++) r += (_cvtsh_ss(mins[b]) + 8.0f * _cvtsh_ss(ws[b])) * si[b];
+        t[i] += r;
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------ dispatch */
 
 static quantize_fn quantize = quantize_c;
 static dot_fn dot_q8 = dot_q8_c, dot_q4 = dot_q4_c;
+static mins_fn min_terms = mins_c;
 static int tile = TILE, spread = 0; /* spread: x->sx and x->c are made (the AVX-512 path) */
 static const char *path = "c";
 
 /* The best path this CPU runs, or the one named (a lower one, for tests): 0 if it cannot. */
 static int choose_path(const char *want) {
-    quantize = quantize_c, dot_q8 = dot_q8_c, dot_q4 = dot_q4_c, tile = TILE, spread = 0, path = "c";
+    quantize = quantize_c, dot_q8 = dot_q8_c, dot_q4 = dot_q4_c, min_terms = mins_c, tile = TILE, spread = 0, path = "c";
     if (want && !strcmp(want, "c")) return 1;
 #ifdef FERMI_X86
     __builtin_cpu_init();
     if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
         return !want;
-    quantize = quantize_avx2, dot_q8 = dot_q8_avx2, dot_q4 = dot_q4_avx2, path = "avx2";
+    quantize = quantize_avx2, dot_q8 = dot_q8_avx2, dot_q4 = dot_q4_avx2, min_terms = mins_avx2, path = "avx2";
     if (want && !strcmp(want, "avx2")) return 1;
     if (!(__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
           __builtin_cpu_supports("avx512bw")))
@@ -284,18 +320,58 @@ static int choose_path(const char *want) {
 #endif
 }
 
-static int matmul(int bits, float *y, const float *x, const uint8_t *w, const uint16_t *ws, int m, int n, int k) {
+/* What a call does around the product (all optional): the row it quantizes is
+   silu(gate) * up of x's two halves (glu: x is [m, 2k]), then RMS-normalized and times
+   norm's weight (norm: an RMSNorm's weight, eps its epsilon); bias is added to each
+   output, and acc adds the result to what y holds (a residual) instead of writing it. */
+typedef struct {
+    const float *norm, *bias;
+    float eps;
+    int glu, acc;
+    const uint16_t *mins; /* q4 with mins: float16 [n, k/32] */
+} Fuse;
+
+#define MAX_ROWS 64 /* rows of x a product takes (a call with more makes several) */
+
+static void prepared(const float *x, int k, const Fuse *f, float *a) {
+    if (f->glu)
+        for (int j = 0; j < k; j++) a[j] = x[j] / (1.0f + expf(-x[j])) * x[k + j];
+    else
+        memcpy(a, x, (size_t)k * sizeof(float));
+    if (f->norm) {
+        float ss = 0.0f;
+        for (int j = 0; j < k; j++) ss += a[j] * a[j];
+        const float r = 1.0f / sqrtf(ss / (float)k + f->eps);
+        for (int j = 0; j < k; j++) a[j] = a[j] * r * f->norm[j];
+    }
+}
+
+static int matmul(int bits, float *y, const float *x, const uint8_t *w, const uint16_t *ws, int m, int n, int k,
+                  const Fuse *f) {
     const int nb = k / QK, row_bytes = bits == 8 ? k : k / 2;
     const dot_fn dot = bits == 8 ? dot_q8 : dot_q4;
+    const int prep = f->glu || f->norm;
     int8_t *q = malloc((size_t)m * k);
     float *s = malloc((size_t)m * nb * sizeof(float));
+    float *a = prep ? malloc((size_t)k * sizeof(float)) : NULL;
+    float *sums = f->mins ? malloc((size_t)m * nb * sizeof(float)) : NULL;
     float *sx = spread ? malloc((size_t)m * k / 4 * sizeof(float)) : NULL;
     int32_t *c = spread && bits == 4 ? malloc((size_t)m * k / 4 * sizeof(int32_t)) : NULL; /* (q4's only) */
-    if (!q || !s || (spread && !sx) || (spread && bits == 4 && !c)) {
-        free(q), free(s), free(sx), free(c);
+    if (!q || !s || (prep && !a) || (f->mins && !sums) || (spread && !sx) || (spread && bits == 4 && !c)) {
+        free(q), free(s), free(a), free(sums), free(sx), free(c);
         return -1;
     }
-    for (int i = 0; i < m; i++) quantize(x + (size_t)i * k, k, q + (size_t)i * k, s + (size_t)i * nb);
+    for (int i = 0; i < m; i++) {
+        const float *row = x + (size_t)i * (f->glu ? 2 * k : k);
+        if (prep) prepared(row, k, f, a);
+        quantize(prep ? a : row, k, q + (size_t)i * k, s + (size_t)i * nb);
+    }
+    if (sums)
+        for (size_t b = 0; b < (size_t)m * nb; b++) {
+            int32_t total = 0;
+            for (int j = 0; j < QK; j++) total += q[b * QK + j];
+            sums[b] = (float)total * s[b];
+        }
     if (spread)
         for (size_t j = 0; j < (size_t)m * k / 4; j++) {
             const int8_t *four = q + 4 * j;
@@ -304,40 +380,191 @@ static int matmul(int bits, float *y, const float *x, const uint8_t *w, const ui
         }
 #pragma omp parallel for schedule(static)
     for (int r = 0; r < n; r++) {
+        float t[MAX_ROWS];
         for (int i = 0; i < m; i += tile) {
             X part = {q + (size_t)i * k, s + (size_t)i * nb, sx ? sx + (size_t)i * k / 4 : NULL,
                       c ? c + (size_t)i * k / 4 : NULL, k};
-            dot(m - i < tile ? m - i : tile, nb, w + (size_t)r * row_bytes, ws + (size_t)r * nb, &part,
-                y + (size_t)i * n + r, n);
+            dot(m - i < tile ? m - i : tile, nb, w + (size_t)r * row_bytes, ws + (size_t)r * nb, &part, t + i, 1);
+        }
+        if (sums) min_terms(m, nb, f->mins + (size_t)r * nb, ws + (size_t)r * nb, sums, t);
+        const float b = f->bias ? f->bias[r] : 0.0f;
+        for (int i = 0; i < m; i++) {
+            float *o = y + (size_t)i * n + r;
+            *o = f->acc ? *o + (t[i] + b) : t[i] + b;
         }
     }
-    free(q), free(s), free(sx), free(c);
+    free(q), free(s), free(a), free(sums), free(sx), free(c);
     return 0;
 }
 
-/* q8_linear(y, x, w, scales, m, n, k) / q4_linear(...): data pointers as ints */
+/* Arguments: data pointers and sizes as ints, epsilons and scales as floats. */
+static int parsed(PyObject *const *args, Py_ssize_t nargs, const char *kinds, void **p, long long *d, double *e) {
+    if (nargs != (Py_ssize_t)strlen(kinds)) {
+        PyErr_Format(PyExc_TypeError, "expected %d arguments, got %d", (int)strlen(kinds), (int)nargs);
+        return 0;
+    }
+    for (int i = 0, np = 0, nd = 0, ne = 0; kinds[i]; i++) {
+        if (kinds[i] == 'p') p[np++] = PyLong_AsVoidPtr(args[i]);
+        else if (kinds[i] == 'd') d[nd++] = PyLong_AsLongLong(args[i]);
+        else e[ne++] = PyFloat_AsDouble(args[i]);
+        if (PyErr_Occurred()) return 0;
+    }
+    return 1;
+}
+
+/* q8_linear(y, x, w, scales, m, n, k, [bias, norm, eps, glu, acc]) / q4_linear(..., [mins]) */
 static PyObject *linear(PyObject *const *args, Py_ssize_t nargs, int bits) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "expected (y, x, w, scales, m, n, k)");
-        return NULL;
-    }
-    void *p[4];
-    long long d[3];
-    for (int i = 0; i < 4; i++) {
-        p[i] = PyLong_AsVoidPtr(args[i]);
-        if (PyErr_Occurred()) return NULL;
-    }
-    for (int i = 0; i < 3; i++) {
-        d[i] = PyLong_AsLongLong(args[4 + i]);
-        if (PyErr_Occurred()) return NULL;
-    }
+    void *p[7] = {0};
+    long long d[5] = {0};
+    double e[1] = {0};
+    const char *kinds = nargs == 7 ? "ppppddd" : nargs == 12 || bits == 8 ? "ppppdddppedd" : "ppppdddppeddp";
+    if (!parsed(args, nargs, kinds, p, d, e)) return NULL;
     if (d[2] % QK || d[0] < 1 || d[1] < 1) {
         PyErr_SetString(PyExc_ValueError, "k must be a multiple of 32, m and n positive");
         return NULL;
     }
-    int failed;
-    Py_BEGIN_ALLOW_THREADS failed = matmul(bits, p[0], p[1], p[2], p[3], (int)d[0], (int)d[1], (int)d[2]);
+    Fuse f = {p[5], p[4], (float)e[0], (int)d[3], (int)d[4], p[6]};
+    const int m = (int)d[0], n = (int)d[1], k = (int)d[2], width = f.glu ? 2 * k : k;
+    int failed = 0;
+    Py_BEGIN_ALLOW_THREADS for (int i = 0; i < m && !failed; i += MAX_ROWS) failed =
+        matmul(bits, (float *)p[0] + (size_t)i * n, (const float *)p[1] + (size_t)i * width, p[2], p[3],
+               m - i < MAX_ROWS ? m - i : MAX_ROWS, n, k, &f);
     Py_END_ALLOW_THREADS if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------ attention (decode) */
+
+/* One decode step's attention for m rows, each one new token of its own sequence:
+   qkv [m, (heads + 2 kv_heads) * hd] (q, k, v heads; changed in place), the layer's
+   cache k, v [batch, kv_heads, cap, hd], cos/sin [positions, hd] (sin carrying
+   rotate_half's sign), rows[i] / pos[i] (int64) the cache row and position of row i.
+   Each row's q and k heads get their RMSNorm (qn, kn: weights, or NULL) and RoPE, its
+   k and v go to the cache at pos, then each head attends over positions [lo, pos] of
+   its row (lo: pos - window + 1 with a sliding window) -> out [m, heads * hd]. */
+typedef struct {
+    float *out, *qkv, *kc, *vc;
+    const float *cos, *sin, *qn, *kn;
+    const int64_t *rows, *pos;
+    int m, heads, kvh, hd, cap, window;
+    float eps, scale;
+} Attend;
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE void head_prep(float *v, int hd, const float *norm, float eps, const float *cs, const float *sn, float *t) {
+    if (norm) {
+        float ss = 0.0f;
+        for (int j = 0; j < hd; j++) ss += v[j] * v[j];
+        const float r = 1.0f / sqrtf(ss / (float)hd + eps);
+        for (int j = 0; j < hd; j++) v[j] = v[j] * r * norm[j];
+    }
+    const int half = hd / 2;
+    memcpy(t, v, (size_t)hd * sizeof(float));
+    for (int j = 0; j < hd; j++) v[j] = t[j] * cs[j] + t[j < half ? j + half : j - half] * sn[j];
+}
+
+INLINE void attend_head(const Attend *a, int i, int h, float *sc) {
+    const int hd = a->hd, p = (int)a->pos[i], g = h / (a->heads / a->kvh), width = (a->heads + 2 * a->kvh) * hd;
+    const int lo = a->window > 0 && p - a->window + 1 > 0 ? p - a->window + 1 : 0;
+    const float *q = a->qkv + (size_t)i * width + (size_t)h * hd;
+    const size_t base = ((size_t)a->rows[i] * a->kvh + g) * a->cap * hd;
+    const float *K = a->kc + base, *V = a->vc + base;
+    float mx = -INFINITY;
+    for (int t = lo; t <= p; t++) {
+        const float *kt = K + (size_t)t * hd;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < hd; j++) s += q[j] * kt[j];
+        s *= a->scale;
+        sc[t - lo] = s;
+        mx = s > mx ? s : mx;
+    }
+    const int n = p - lo + 1;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; t++) {
+        sc[t] = expf(sc[t] - mx);
+        sum += sc[t];
+    }
+    float *o = a->out + ((size_t)i * a->heads + h) * hd;
+    for (int j = 0; j < hd; j++) o[j] = 0.0f;
+    for (int t = 0; t < n; t++) {
+        const float *vt = V + (size_t)(lo + t) * hd, w = sc[t];
+#pragma omp simd
+        for (int j = 0; j < hd; j++) o[j] += w * vt[j];
+    }
+    const float inv = 1.0f / sum;
+    for (int j = 0; j < hd; j++) o[j] *= inv;
+}
+
+typedef void (*head_fn)(const Attend *a, int i, int h, float *sc);
+static void attend_head_c(const Attend *a, int i, int h, float *sc) { attend_head(a, i, h, sc); }
+#ifdef FERMI_X86
+AVX2 static void attend_head_avx2(const Attend *a, int i, int h, float *sc) { attend_head(a, i, h, sc); }
+VNNI static void attend_head_avx512(const Attend *a, int i, int h, float *sc) { attend_head(a, i, h, sc); }
+#endif
+
+static int attend_rows(const Attend *a) {
+    const int hd = a->hd, width = (a->heads + 2 * a->kvh) * hd;
+    float t[1024];
+    if (hd > 1024 || hd % 2 || a->heads % a->kvh) return -2;
+    for (int i = 0; i < a->m; i++) {
+        float *row = a->qkv + (size_t)i * width;
+        const int p = (int)a->pos[i];
+        const float *cs = a->cos + (size_t)p * hd, *sn = a->sin + (size_t)p * hd;
+        for (int h = 0; h < a->heads + a->kvh; h++)
+            head_prep(row + (size_t)h * hd, hd, h < a->heads ? a->qn : a->kn, a->eps, cs, sn, t);
+        for (int g = 0; g < a->kvh; g++) {
+            const size_t at = (((size_t)a->rows[i] * a->kvh + g) * a->cap + p) * hd;
+            memcpy(a->kc + at, row + (size_t)(a->heads + g) * hd, (size_t)hd * sizeof(float));
+            memcpy(a->vc + at, row + (size_t)(a->heads + a->kvh + g) * hd, (size_t)hd * sizeof(float));
+        }
+    }
+    /* (the parallel region's body is a function of its own, compiled for no target: the
+       heads go through a pointer to the path's copy) */
+    head_fn head = attend_head_c;
+#ifdef FERMI_X86
+    head = !strcmp(path, "avx512-vnni") ? attend_head_avx512 : !strcmp(path, "avx2") ? attend_head_avx2 : head;
+#endif
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *sc = malloc((size_t)a->cap * sizeof(float));
+        if (!sc) failed = -1;
+#pragma omp for schedule(static)
+        for (int task = 0; task < a->m * a->heads; task++)
+            if (sc) head(a, task / a->heads, task % a->heads, sc);
+        free(sc);
+    }
+    return failed;
+}
+
+/* attend(out, qkv, kc, vc, cos, sin, qn, kn, rows, pos, m, heads, kv_heads, hd, cap, window, eps, scale) */
+static PyObject *attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *p[10];
+    long long d[6];
+    double e[2];
+    if (!parsed(args, nargs, "ppppppppppddddddee", p, d, e)) return NULL;
+    Attend a = {p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                (int)d[0], (int)d[1], (int)d[2], (int)d[3], (int)d[4], (int)d[5], (float)e[0], (float)e[1]};
+    if (a.m < 1 || a.kvh < 1 || a.heads < 1) {
+        PyErr_SetString(PyExc_ValueError, "m, heads and kv_heads must be positive");
+        return NULL;
+    }
+    for (int i = 0; i < a.m; i++)
+        if (a.pos[i] < 0 || a.pos[i] >= a.cap) {
+            PyErr_SetString(PyExc_ValueError, "a position is outside the cache");
+            return NULL;
+        }
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = attend_rows(&a);
+    Py_END_ALLOW_THREADS if (failed == -1) return PyErr_NoMemory();
+    if (failed) {
+        PyErr_SetString(PyExc_ValueError, "head_dim must be even and at most 1024, heads a multiple of kv_heads");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -379,6 +606,7 @@ static PyMethodDef methods[] = {
     {"q8_linear", (PyCFunction)(void (*)(void))q8_linear, METH_FASTCALL, "y = x . dequantized(q8 weight)^T"},
     {"q4_linear", (PyCFunction)(void (*)(void))q4_linear, METH_FASTCALL, "y = x . dequantized(q4 weight)^T"},
     {"q8_quantize", (PyCFunction)(void (*)(void))q8_quantize, METH_FASTCALL, "x -> int8 blocks and their scales"},
+    {"attend", (PyCFunction)(void (*)(void))attend, METH_FASTCALL, "one decode step's attention (RoPE, cache write)"},
     {"info", info, METH_NOARGS, "the path chosen and the threads"},
     {"use", use, METH_O, "use(path) -> whether this CPU runs it (else the best path stays): for tests"},
     {NULL, NULL, 0, NULL},

@@ -4,6 +4,7 @@ runs prefill/decode over a KVCache (see fermi.backends.Runtime for the contract)
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from typing import Iterator, Sequence
 
@@ -15,7 +16,7 @@ from fermi.config import ARCHITECTURES
 from fermi.errors import FermiError
 from fermi.sampling import SamplingParams
 
-from . import graphs, storage, weights
+from . import fused, gguf_blocks, graphs, storage, weights
 from .cache import KVCache, Span
 from .sampler import TorchSampler, make_sampler, sample_batch
 
@@ -37,6 +38,8 @@ class TorchRuntime:
         # (graphs.py); FERMI_CUDA_GRAPHS=0 runs them eagerly.
         self.cuda_graphs = device.type == "cuda" and os.environ.get("FERMI_CUDA_GRAPHS", "1") != "0"
         self.kernel = None  # quantized weights: which kernels multiply them (the startup line says)
+        # On a CPU with the native kernels: decode steps in a few calls a layer (fused.py).
+        self.fused = fused.plan(model, device, DTYPES[self.compute])
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -55,13 +58,25 @@ class TorchRuntime:
         pieces = []
         for a in range(0, len(ids), PREFILL_CHUNK):
             chunk = x[:, a:a + PREFILL_CHUNK]
-            h = self.model(chunk, cache, Span.prefill(slot, start + a, chunk.shape[1]))
+            if self.native:
+                n = chunk.shape[1]
+                h = self.fused(cache, ids[a:a + n], [slot] * n, list(range(start + a, start + a + n)))[None]
+            else:
+                h = self.model(chunk, cache, Span.prefill(slot, start + a, chunk.shape[1]))
             if all_logits:
-                pieces.append(self.model.logits(h[0]))
+                pieces.append(self.logits(h[0]))
         cache.lengths[slot] = start + len(ids)
         # Only the last position needs the final norm and lm_head (unless asked for all).
-        logits = torch.cat(pieces) if all_logits else self.model.logits(h[0, -1])
+        logits = torch.cat(pieces) if all_logits else self.logits(h[0, -1:])[0]
         return logits.float()
+
+    @property
+    def native(self) -> bool:
+        """Prefills too run the fused step: every product in the native kernel."""
+        return self.fused is not None and self.fused.native
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fused.logits(h) if self.native else self.model.logits(h)
 
     @torch.inference_mode()
     def prefill_batch(self, chunks: list[list[int]], cache: KVCache, slots: list[int]):
@@ -71,6 +86,13 @@ class TorchRuntime:
         starts = [cache.lengths[s] for s in slots]
         if len(chunks) == 1 or max(starts) + length > cache.max_len:  # a padded row would pass the context
             return torch.stack([self.prefill(c, cache, s) for c, s in zip(chunks, slots)])
+        if self.native:  # one row a token, none padded
+            cache.reserve(max(st + len(c) for st, c in zip(starts, chunks)))
+            h = self.fused(cache, [t for c in chunks for t in c], [s for c, s in zip(chunks, slots) for _ in c],
+                           [p for c, st in zip(chunks, starts) for p in range(st, st + len(c))])
+            for s, c in zip(slots, chunks):
+                cache.lengths[s] += len(c)
+            return self.logits(h[torch.tensor(list(itertools.accumulate(len(c) for c in chunks))) - 1]).float()
         cache.reserve(max(starts) + length)
         x = torch.tensor([c + [0] * (length - len(c)) for c in chunks], dtype=torch.long, device=self.torch_device)
         h = self.model(x, cache, Span.ragged(slots, starts, length, self.torch_device))
@@ -90,6 +112,8 @@ class TorchRuntime:
         cache.reserve(max(positions) + 1)
         if self.cuda_graphs:
             logits = graphs.decode(self.model, cache, list(tokens), slots, positions)
+        elif self.fused is not None:
+            logits = self.logits(self.fused(cache, list(tokens), slots, positions)).float()
         else:
             x = torch.tensor(list(tokens), dtype=torch.long, device=self.torch_device).view(-1, 1)
             h = self.model(x, cache, Span.decode(slots, positions, self.torch_device))
@@ -147,7 +171,13 @@ def load_weights(model, files, dtype: torch.dtype, device: torch.device) -> None
                 with open_file(path) as f:
                     yield n, f.get_tensor(n)
 
-    state = storage.checkpoint_state(model, tensors(), dtype)
+    load_state(model, tensors(), dtype)
+
+
+def load_state(model, tensors, dtype: torch.dtype) -> None:
+    """(name, tensor) pairs of a checkpoint into the model built on the meta device
+    (storage.checkpoint_state), every weight accounted for."""
+    state = storage.checkpoint_state(model, tensors, dtype)
     weights.give_back_freed_memory()
     expected = set(model.state_dict().keys())
     missing, unexpected = expected - state.keys(), state.keys() - expected
@@ -164,7 +194,12 @@ def architecture(model_type: str):
     return importlib.import_module(f"{__package__}.{ARCHITECTURES[model_type]}").Model
 
 
-def load(model_files, dtype: str | None, quantize: int | None, device: torch.device) -> TorchRuntime:
+def load(model_files, dtype: str | None, quantize: int | None, device: torch.device,
+         blocks: bool | None = None) -> TorchRuntime:
+    """blocks: keep a GGUF's quantized blocks (gguf_blocks.py) or dequantize every
+    weight (False); None: keep them where they can be (a GGUF, a CPU with the native
+    kernels, float32 activations) unless quantize is 0. quantize=4|8 then rounds what
+    is still float; without blocks, every matrix."""
     if quantize and quantize not in (4, 8):
         raise FermiError(f"{quantize}-bit weights are not supported by the torch backend (--quantize 8 and 4 are, on a CPU)")
     if quantize and device.type != "cpu":
@@ -173,33 +208,48 @@ def load(model_files, dtype: str | None, quantize: int | None, device: torch.dev
         raise FermiError(f"unknown dtype '{dtype}' (choose {', '.join(DTYPES)})")
     if quantize and dtype != "float32":
         raise FermiError(f"--quantize {quantize} computes in float32 on the torch backend, not {dtype}")
+    can_keep = model_files.gguf is not None and device.type == "cpu" and dtype == "float32" and weights.kernels
+    if blocks is None:
+        blocks = bool(can_keep) and quantize != 0
+    if blocks and not can_keep:
+        raise FermiError("the torch backend keeps a GGUF's quantized blocks on a CPU with its native kernels, "
+                         "activations in float32" if model_files.gguf else
+                         "there are no quantized blocks to keep: the weights are not a GGUF file")
     config = model_files.config
     # float16 on an x86 CPU: the weights are held in float16 and multiplied by fbgemm in
     # float32 (half the bytes of float32, its prefill speed); CPU float16 arithmetic is slow.
     half = dtype == "float16" and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
     compute = "float32" if half else dtype
+    kept = gguf_blocks.cached(model_files, architecture(config.model_type)) if blocks else None
     with torch.device("meta"):
         model = architecture(config.model_type)(config)
+        if blocks:
+            storage.hold(model, gguf_blocks.layers(model, kept))
         if quantize:
             how = held_as(model, quantize)
             storage.hold(model, how)
-        elif device.type == "cpu" and dtype == "float32":
+        elif device.type == "cpu" and dtype == "float32" and not blocks:
             # float32 only: CPU bmm in half precision takes a slow path (15 ms for SmolLM2's lm_head).
             # Before loading: the weights are read in the layout it picks.
             storage.hold(model, "blocks", torch.get_num_threads())
     model.requires_grad_(False)  # before loading: int8 tensors cannot require gradients
-    load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
+    if blocks:
+        load_state(model, gguf_blocks.tensors(model, kept), DTYPES[dtype])
+    else:
+        load_weights(model, model_files.weight_files(), DTYPES[dtype], device)
     model.eval()
     model.setup(DTYPES[compute], device)
-    if dtype == "float32" and not quantize:
+    if dtype == "float32" and not quantize and not blocks:
         storage.fold_norms(model)
     if half:
         storage.pack_half(model)
     storage.ready(model)
     # The label users see (startup line, stats): the weights' format, float32 arithmetic around them.
-    rt = TorchRuntime(model, config, device, LABELS[how] if quantize else dtype, compute)
-    if quantize:
-        rt.kernel = f"{weights.kernel_path()} kernels" if how != "int8" and weights.kernels else "torch kernels"
+    label = gguf_blocks.label(kept) if blocks else LABELS[how] if quantize else dtype
+    rt = TorchRuntime(model, config, device, label, compute)
+    if quantize or blocks:
+        rt.kernel = f"{weights.kernel_path()} kernels" if (blocks or how != "int8") and weights.kernels \
+            else "torch kernels"
     return rt
 
 

@@ -154,36 +154,44 @@ class Int8Table(Int8Rows):
 
 class QBlocks(nn.Module):
     """Blocks of 32 weights along the input with a float16 scale each, on 8 bits
-    (weights.q8_blocks: llama.cpp's Q8_0) or 4 (q4_blocks: Q4_0), multiplied by
+    (weights.q8_blocks: llama.cpp's Q8_0) or 4 (q4_blocks: Q4_0; with a float16 min a
+    block too, a GGUF's Q4_1 / Q4_K kept: weights.from_affine), multiplied by
     weights.block_linear (the native kernel at decode)."""
 
-    def __init__(self, linear: nn.Linear, bits: int):
+    def __init__(self, linear: nn.Linear, bits: int, mins: bool = False):
         super().__init__()
-        self._hold(linear.out_features, linear.in_features, bits)
+        self._hold(linear.out_features, linear.in_features, bits, mins)
         self.bias = _bias(linear)
 
-    def _hold(self, n: int, k: int, bits: int) -> None:
+    def _hold(self, n: int, k: int, bits: int, mins: bool) -> None:
         self.bits, self.quantize = bits, q8_blocks if bits == 8 else q4_blocks  # (the loader's quantizer)
         self.weight = _empty(n, k * bits // 8, dtype=torch.int8 if bits == 8 else torch.uint8)
         self.weight_scale = _empty(n, k // QK, dtype=torch.float16)
+        self.weight_min = _empty(n, k // QK, dtype=torch.float16) if mins else None
 
-    take = Int8Rows.take
+    def take(self, kind: str, parts: list, dtype) -> dict:
+        """The weight comes as (q, scale[, min]) blocks, a part's each (joined by rows)."""
+        if kind != "weight":
+            return {kind: stacked(parts, dtype)}
+        fields = [torch.cat(f) if len(parts) > 1 else f[0] for f in zip(*parts)]
+        return dict(zip(("weight", "weight_scale", "weight_min"), fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return block_linear(x, self.bits, self.weight, self.weight_scale, self.bias)
+        return block_linear(x, self.bits, self.weight, self.weight_scale, self.bias, self.weight_min)
 
 
 class QTable(QBlocks):
     """The table in blocks: a lookup dequantizes the rows it reads."""
 
-    def __init__(self, table: Embedding, bits: int):
+    def __init__(self, table: Embedding, bits: int, mins: bool = False):
         nn.Module.__init__(self)
-        self._hold(table.num_embeddings, table.embedding_dim, bits)
+        self._hold(table.num_embeddings, table.embedding_dim, bits, mins)
         self.bias = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return dequantized(self.bits, self.weight[flat], self.weight_scale[flat]).view(*ids.shape, -1)
+        mins = None if self.weight_min is None else self.weight_min[flat]
+        return dequantized(self.bits, self.weight[flat], self.weight_scale[flat], mins=mins).view(*ids.shape, -1)
 
     def as_linear(self, h: torch.Tensor) -> torch.Tensor:
         return QBlocks.forward(self, h)
@@ -245,7 +253,8 @@ def hold(model: nn.Module, how: str, parts: int = 1) -> None:
     """Before loading (on the meta device): the layout the weights are read in.
     "blocks": CPU float32 decode over `parts` blocks (nothing to do for one part;
     a model already loaded float has its weights moved over); "int8": every matrix
-    and the table as int8 rows."""
+    and the table as int8 rows; "q8", "q4": every one in blocks of 32; a dict {layer
+    name: (bits, mins)}: those layers in blocks (a GGUF's, runtime.gguf_blocks)."""
     if how == "blocks" and parts > 1:
         head = tied(model)
 
@@ -272,6 +281,15 @@ def hold(model: nn.Module, how: str, parts: int = 1) -> None:
         bits = int(how[1])
         _swap(model, lambda m: QBlocks(m, bits) if isinstance(m, nn.Linear) else
               QTable(m, bits) if isinstance(m, Embedding) else None)
+    else:  # {layer name: (bits, mins)}: a GGUF's blocks, layer by layer; the rest stay float
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def kept(m):
+            if names.get(id(m)) not in how:
+                return None
+            return (QBlocks if isinstance(m, nn.Linear) else QTable)(m, *how[names[id(m)]])
+
+        _swap(model, kept)
 
 
 def blocks_fit(model: nn.Module) -> bool:

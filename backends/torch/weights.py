@@ -7,8 +7,12 @@ that make them at load.
 - float16 on an x86 CPU: packed by fbgemm, multiplied in float32 (pack_half).
 - 8 and 4 bits in blocks (`--quantize 8|4`, a CPU with the native kernels built):
   blocks of 32 weights along the input with a float16 scale each, llama.cpp's Q8_0
-  and Q4_0 (q8_blocks, q4_blocks); a few rows (decode) go through kernels.c, which
-  quantizes the activations the same way and multiplies in integers (block_linear).
+  and Q4_0 (q8_blocks, q4_blocks), multiplied by kernels.c, which quantizes the
+  activations the same way and multiplies in integers (block_linear).
+- a GGUF's own blocks (a GGUF on a CPU with the kernels, by default): Q4_0, Q4_1, Q4_K
+  as 4-bit blocks (with a float16 min a block where the type has one), Q8_0 as q8_0,
+  exactly as the file holds them but for Q4_K's scales rounded to float16 (from_affine);
+  the other types rounded to q8_0.
 - int8 rows (`--quantize 8` without the kernels: the pure-torch path): rows with a
   bfloat16 scale each (int8_rows), multiplied in bfloat16 (int8_linear).
 """
@@ -161,7 +165,6 @@ def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias=None, blocks=None) ->
 # ---------------------------------------------------------------- blocks (kernels.c)
 
 QK = 32  # weights a block (along the input), one float16 scale each
-KERNEL_ROWS = 16  # up to this many rows of x go through the kernel; more (a prefill) through a bfloat16 matmul
 
 
 def _native():
@@ -215,25 +218,53 @@ def q4_blocks(shape, read):
     return _blocks(shape, read, _q4, shape[1] // 2)
 
 
-def dequantized(bits: int, q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def dequantized(bits: int, q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32, mins=None) -> torch.Tensor:
+    """Blocks -> [out, in] floats. 4 bits with `mins` (a GGUF's Q4_1 / Q4_K): the
+    nibbles unsigned, each weight scale * q + min."""
     n, nb = scale.shape
     if bits == 4:
-        q = torch.cat([q.view(n, nb, QK // 2) & 15, q.view(n, nb, QK // 2) >> 4], -1).to(dtype) - 8
-    return (q.view(n, nb, QK).to(dtype) * scale[..., None].to(dtype)).view(n, nb * QK)
+        q = torch.cat([q.view(n, nb, QK // 2) & 15, q.view(n, nb, QK // 2) >> 4], -1).to(dtype)
+        if mins is None:
+            q = q - 8
+    w = q.view(n, nb, QK).to(dtype) * scale[..., None].to(dtype)
+    return (w if mins is None else w + mins[..., None].to(dtype)).view(n, nb * QK)
 
 
-def block_linear(x: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
-    """x times a weight in blocks (q8_blocks / q4_blocks): up to KERNEL_ROWS rows by the
-    native kernel (float32 out), else (or without the kernels) a bfloat16 matmul of the
-    weight dequantized. Returns x's dtype."""
+def from_affine(q, scales, biases, bits: int):
+    """A GGUF matrix in its exact affine form (fermi.gguf.Affine: w = scale * q + bias
+    per block of 32, q unsigned) -> blocks held as they are: 4 bits -> (packed
+    nibbles, float16 scales, float16 mins, or None where every min is -8 scale: Q4_0);
+    8 bits with a bias of -128 scale (Q8_0) -> (int8, float16 scales, None). None for
+    the rest (5 bits): those are rounded to q8_0 from their values instead."""
+    q, scales, biases = (torch.from_numpy(a) for a in (q, scales, biases))
+    n, k = q.shape
+    if bits == 4:
+        b = q.view(n, k // QK, QK)
+        packed = (b[..., :QK // 2] | (b[..., QK // 2:] << 4)).flatten(1)
+        mins = None if torch.equal(biases, -8 * scales) else biases.half()
+        return packed, scales.half(), mins
+    if bits == 8 and torch.equal(biases, -128 * scales):
+        return (q.to(torch.int16) - 128).to(torch.int8), scales.half(), None
+    return None
+
+
+def block_linear(x: torch.Tensor, bits: int, q: torch.Tensor, scale: torch.Tensor, bias=None, mins=None) -> torch.Tensor:
+    """x times a weight in blocks (q8_blocks / q4_blocks, or a GGUF's kept: mins): by the
+    native kernel (float32 out), however many rows, so each row's product is the same
+    however the serving core cut or batched the work (a prefill's bfloat16 matmul would
+    be ~2x as fast, and a batched answer not its solo answer); without the kernels, a
+    bfloat16 matmul of the weight dequantized. Returns x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
     m, n = x2.shape[0], scale.shape[0]
-    if kernels is not None and m <= KERNEL_ROWS:
+    if kernels is not None:
         x2 = x2.float().contiguous()
         y = torch.empty(m, n)
-        (kernels.q8_linear if bits == 8 else kernels.q4_linear)(
-            y.data_ptr(), x2.data_ptr(), q.data_ptr(), scale.data_ptr(), m, n, x2.shape[1])
+        args = (y.data_ptr(), x2.data_ptr(), q.data_ptr(), scale.data_ptr(), m, n, x2.shape[1])
+        if mins is None:
+            (kernels.q8_linear if bits == 8 else kernels.q4_linear)(*args)
+        else:
+            kernels.q4_linear(*args, 0, 0, 0.0, 0, 0, mins.data_ptr())
     else:
-        y = F.linear(x2.to(torch.bfloat16), dequantized(bits, q, scale, torch.bfloat16)).float()
+        y = F.linear(x2.to(torch.bfloat16), dequantized(bits, q, scale, torch.bfloat16, mins)).float()
     y = y.view(*x.shape[:-1], n).to(x.dtype)
     return y if bias is None else y + bias

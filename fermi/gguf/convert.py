@@ -11,13 +11,15 @@ import os
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ModelConfig
 from ..tokenizer import Tokenizer
-from .reader import GGUFModel, open_gguf
+
+if TYPE_CHECKING:
+    from .reader import GGUFModel
 
 
 def cache_folder(path: Path, cache_dir: Path | None = None) -> Path:
@@ -43,6 +45,8 @@ def describe(path: Path) -> tuple[dict, Tokenizer, str | None]:
         return s["config"], tok, s["chat_template"]
     except Exception:  # no cache yet, or not one fermi can read (tokenizers raises plain Exception)
         pass
+    from .reader import open_gguf  # (not at import: a cached summary needs no parsing)
+
     g = open_gguf(path)
     ModelConfig.from_dict(g.config)  # an unsupported architecture fails here, before its tokenizer can
     tok = g.tokenizer
@@ -73,7 +77,11 @@ def converted(path: Path, progress: Callable[[int, int], None] | None = None) ->
     """The float32 conversion of a GGUF (GGUFModel.convert), found in the cache
     without reading the GGUF when it was made before."""
     target = cache_folder(path) / "model.safetensors"
-    return target if target.is_file() else open_gguf(path).convert(progress=progress)
+    if target.is_file():
+        return target
+    from .reader import open_gguf
+
+    return open_gguf(path).convert(progress=progress)
 
 
 def write_float32(
