@@ -104,10 +104,13 @@ def layers(model, path: Path) -> dict:
 def tensors(model, path: Path):
     """(name, tensor) of the blocks file for storage.checkpoint_state: a matrix in
     blocks as (q, scale[, min]); a float matrix of a layer held quantized (quantize=4|8
-    on a GGUF: what is still float) quantized as it is read; the rest as they are."""
+    on a GGUF: what is still float) quantized as it is read; the rest as they are. The
+    file is mapped once per tensor (as runtime.load_weights does): a mapping held open
+    keeps every page it touched resident, the whole file by the end."""
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
-        for name in sorted(k for k in keys if not k.endswith((".scale", ".min"))):
+    for name in sorted(k for k in keys if not k.endswith((".scale", ".min"))):
+        with safe_open(str(path), framework="pt") as f:
             if f"{name}.scale" in keys:
                 yield name, tuple(f.get_tensor(k) for k in (name, f"{name}.scale", f"{name}.min") if k in keys)
             elif quantize := storage.quantizer(model, name):
