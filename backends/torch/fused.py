@@ -1,4 +1,5 @@
-"""A decode step on the CPU in five calls a layer (runtime.decode, where `plan` fits):
+"""A step on the CPU in five calls a layer (runtime.decode, and runtime.prefill where
+every product is native: Step.native):
 the q/k/v projection with the norm before it, attention (kernels.attend: each row's
 q/k norms, RoPE, cache write and attention in one call), o_proj adding into the
 residual, gate/up with its norm, down with the SiLU-GLU before it and the residual
@@ -6,7 +7,7 @@ after. Weights in blocks (QBlocks) do the norm, the GLU, the bias and the residu
 inside the kernel's call; other weights (float32 blocks, float16) run them as torch
 ops around their product. The math is llama.Model.forward's, for the architectures
 built of its Block (llama, qwen2, qwen3, phi3): a step of ~900 small torch calls
-becomes ~150 (SmolLM2; bench/README "Per-token overhead")."""
+becomes ~150 (SmolLM2; bench/README, issue 20's "Second pass")."""
 
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ class Project:
         self.native = isinstance(proj, QBlocks) and (norm is None or norm.weight is not None)
         if self.native:
             n, nb = proj.weight_scale.shape
-            self.n = n
             self.call = weights.kernels.q8_linear if proj.bits == 8 else weights.kernels.q4_linear
             self.args = (proj.weight.data_ptr(), proj.weight_scale.data_ptr(), n, nb * weights.QK, _ptr(proj.bias),
                          _ptr(norm.weight) if norm else 0, norm.eps if norm else 0.0, int(glu))

@@ -16,14 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fermi.gguf import AFFINE_BITS, cache_folder, replaced
+from fermi.gguf import AFFINE_BITS, FLOAT_TYPES, cache_folder, replaced
 
 from . import storage
 from .weights import QK, from_affine, q8_blocks
 
 CACHE = "torch-blocks.safetensors"
 FORMAT = "1"  # of the blocks file: one made by another layout is made again
-FLOAT = ("F32", "F16", "BF16", "F64")
 
 
 def cached(model_files, model) -> Path:
@@ -37,7 +36,7 @@ def cached(model_files, model) -> Path:
 
     def own(t, shape) -> int | None:  # the bits a tensor is held in alone; None: float
         kind = t.tensor_type.name
-        if len(shape) != 2 or kind in FLOAT or shape[1] % QK:
+        if len(shape) != 2 or kind in FLOAT_TYPES or shape[1] % QK:
             return None
         return 4 if AFFINE_BITS.get(kind) == 4 else 8
 

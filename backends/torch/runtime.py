@@ -54,15 +54,14 @@ class TorchRuntime:
             raise FermiError("prefill needs at least one token")
         start = cache.lengths[slot]
         cache.reserve(start + len(ids))
-        x = torch.tensor(ids, dtype=torch.long, device=self.torch_device).view(1, -1)
         pieces = []
         for a in range(0, len(ids), PREFILL_CHUNK):
-            chunk = x[:, a:a + PREFILL_CHUNK]
+            chunk, at = ids[a:a + PREFILL_CHUNK], start + a
             if self.native:
-                n = chunk.shape[1]
-                h = self.fused(cache, ids[a:a + n], [slot] * n, list(range(start + a, start + a + n)))[None]
+                h = self.fused(cache, chunk, [slot] * len(chunk), list(range(at, at + len(chunk))))[None]
             else:
-                h = self.model(chunk, cache, Span.prefill(slot, start + a, chunk.shape[1]))
+                x = torch.tensor(chunk, dtype=torch.long, device=self.torch_device).view(1, -1)
+                h = self.model(x, cache, Span.prefill(slot, at, len(chunk)))
             if all_logits:
                 pieces.append(self.logits(h[0]))
         cache.lengths[slot] = start + len(ids)

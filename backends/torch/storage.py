@@ -127,10 +127,11 @@ class Int8Rows(nn.Module):
         self.bias = _bias(linear)
 
     def take(self, kind: str, parts: list, dtype) -> dict:
+        """The weight comes as (q, scale[, min]) tuples, a part's each (joined by rows)."""
         if kind != "weight":
             return {kind: stacked(parts, dtype)}
-        q, scale = parts[0] if len(parts) == 1 else map(torch.cat, zip(*parts))
-        return {"weight": q, "weight_scale": scale}
+        fields = [torch.cat(f) if len(parts) > 1 else f[0] for f in zip(*parts)]
+        return dict(zip(("weight", "weight_scale", "weight_min"), fields))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.weight_scale, self.bias)
@@ -169,12 +170,7 @@ class QBlocks(nn.Module):
         self.weight_scale = _empty(n, k // QK, dtype=torch.float16)
         self.weight_min = _empty(n, k // QK, dtype=torch.float16) if mins else None
 
-    def take(self, kind: str, parts: list, dtype) -> dict:
-        """The weight comes as (q, scale[, min]) blocks, a part's each (joined by rows)."""
-        if kind != "weight":
-            return {kind: stacked(parts, dtype)}
-        fields = [torch.cat(f) if len(parts) > 1 else f[0] for f in zip(*parts)]
-        return dict(zip(("weight", "weight_scale", "weight_min"), fields))
+    take = Int8Rows.take
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return block_linear(x, self.bits, self.weight, self.weight_scale, self.bias, self.weight_min)

@@ -203,7 +203,13 @@ def _q4(b: torch.Tensor):
     s = (big / -8).half()
     inv = torch.where(s != 0, 1 / s.float(), 0)
     q = (b * inv[..., None]).round_().clamp_(-8, 7).add_(8).to(torch.uint8)  # stored as q + 8
-    return (q[..., :QK // 2] | (q[..., QK // 2:] << 4)).flatten(1), s
+    return _nibbles(q), s
+
+
+def _nibbles(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values [..., blocks, 32] (uint8) -> [rows, in/2] bytes: byte j of a block holds
+    value j (low nibble) and j+16 (high), the layout the kernel reads."""
+    return (q[..., :QK // 2] | (q[..., QK // 2:] << 4)).flatten(1)
 
 
 def q8_blocks(shape, read):
@@ -239,10 +245,8 @@ def from_affine(q, scales, biases, bits: int):
     q, scales, biases = (torch.from_numpy(a) for a in (q, scales, biases))
     n, k = q.shape
     if bits == 4:
-        b = q.view(n, k // QK, QK)
-        packed = (b[..., :QK // 2] | (b[..., QK // 2:] << 4)).flatten(1)
         mins = None if torch.equal(biases, -8 * scales) else biases.half()
-        return packed, scales.half(), mins
+        return _nibbles(q.view(n, k // QK, QK)), scales.half(), mins
     if bits == 8 and torch.equal(biases, -128 * scales):
         return (q.to(torch.int16) - 128).to(torch.int8), scales.half(), None
     return None

@@ -21,7 +21,7 @@ import importlib
 # (convert.describe's summary, the float32 conversion) needs neither the `gguf`
 # package nor numpy's parsing, and importing them costs ~0.2 s of a warm start.
 _WHERE = {
-    "AFFINE_BITS": "blocks", "GROUP": "blocks", "Affine": "blocks", "llama3_rope_factors": "config",
+    "AFFINE_BITS": "blocks", "FLOAT_TYPES": "blocks", "GROUP": "blocks", "Affine": "blocks", "llama3_rope_factors": "config",
     "cache_folder": "convert", "converted": "convert", "describe": "convert", "replaced": "convert",
     "_LAYER": "names", "_TOP": "names", "hf_name": "names", "GGUFModel": "reader", "_Reader": "reader",
     "open_gguf": "reader",

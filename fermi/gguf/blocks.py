@@ -17,6 +17,7 @@ from .names import hf_layout
 # q unsigned, `bits` wide (the symmetric ones, w = d * (q - 2**(bits-1)), included).
 # They move into an affine-quantized layout exactly.
 AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")  # the types that are not quantized
 GROUP = 32
 
 
@@ -36,7 +37,7 @@ def affine(model, t, shape: list[int], requantize: int | None = None) -> Affine 
     (min-max, groups of 32) when that is given; float tensors, and the rest, give None."""
     kind = t.tensor_type.name
     bits = AFFINE_BITS.get(kind)
-    if len(shape) != 2 or shape[1] % GROUP or kind in ("F32", "F16", "BF16", "F64") or not (bits or requantize):
+    if len(shape) != 2 or shape[1] % GROUP or kind in FLOAT_TYPES or not (bits or requantize):
         return None
     w = model.raw(t, shape).reshape(shape[0], -1, GROUP)
     if bits:
